@@ -1,0 +1,148 @@
+"""`cg4ctr`: the one entry point for every stage, used by users, `dvc.yaml` and the DAGs.
+
+Commands stay thin: they open a workspace, call one library function and print its figures
+(a table, or JSON with ``--json``). User errors are one line on stderr and exit code 2; heavy
+libraries are imported inside commands so that ``--help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cg4ctr_tasks.errors import UserError
+from cg4ctr_tasks.workspace import WORKSPACE_ENV, Workspace
+
+app = typer.Typer(
+    help="Self-cycling creative generation for CTR (CG4CTR): stages, the simulated world, demo.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+sim_app = typer.Typer(help="The embedded simulated world (items, oracle, click simulator).",
+                      no_args_is_help=True)
+params_app = typer.Typer(help="Inspect the resolved parameters.", no_args_is_help=True)
+app.add_typer(sim_app, name="sim")
+app.add_typer(params_app, name="params")
+
+console = Console(stderr=False)
+
+WorkspaceOpt = Annotated[
+    Path,
+    typer.Option(
+        "--workspace",
+        "-w",
+        envvar=WORKSPACE_ENV,
+        help="Workspace folder (params.yaml, data/, models/, sim/).",
+        file_okay=False,
+    ),
+]
+ProfileOpt = Annotated[
+    str | None, typer.Option("--profile", help="Params profile (default: params.yaml's).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")]
+
+
+def _open(workspace: Path, profile: str | None = None) -> Workspace:
+    return Workspace.open(workspace, profile=profile)
+
+
+def _emit(figures: dict[str, Any], as_json: bool, title: str) -> None:
+    if as_json:
+        typer.echo(json.dumps(figures, indent=2, sort_keys=True))
+        return
+    table = Table(title=title, show_header=False)
+    for key, value in figures.items():
+        shown = json.dumps(value) if isinstance(value, dict | list) else str(value)
+        table.add_row(key, shown)
+    console.print(table)
+
+
+@params_app.command("show")
+def params_show(workspace: WorkspaceOpt = Path("."), profile: ProfileOpt = None) -> None:
+    """Print the fully resolved parameters (defaults + workspace params.yaml + profile)."""
+    ws = _open(workspace, profile)
+    typer.echo(json.dumps(ws.params.model_dump(exclude={"profiles"}), indent=2))
+
+
+@sim_app.command("init")
+def sim_init(
+    workspace: WorkspaceOpt = Path("."),
+    seed: Annotated[int | None, typer.Option(help="World seed (default: params seed).")] = None,
+    items: Annotated[int | None, typer.Option(help="Number of items (default: params).")] = None,
+    days: Annotated[int | None, typer.Option(help="Days of click history.")] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild a world that differs.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build (or reuse) a reproducible simulated world in the workspace."""
+    from cg4ctr_tasks.sim.world import init_world
+
+    ws = _with_world_overrides(_open(workspace), items, days)
+    summary = init_world(ws, seed if seed is not None else ws.params.seed, force=force)
+    _emit(summary.as_dict(), as_json, f"simulated world in {ws.root}")
+
+
+def _with_world_overrides(ws: Workspace, items: int | None, days: int | None) -> Workspace:
+    from cg4ctr_tasks.params import load_params
+
+    world: dict[str, Any] = {}
+    if items is not None:
+        world["items"] = items
+    if days is not None:
+        world["days"] = days
+    if not world:
+        return ws
+    params = load_params(ws.root / "params.yaml", ws.params.profile, overrides={"world": world})
+    return Workspace(root=ws.root, params=params)
+
+
+@sim_app.command("evaluate")
+def sim_evaluate(
+    creatives: Annotated[Path, typer.Option(help="Parquet with item_id, image_uri[, user_group].")],
+    workspace: WorkspaceOpt = Path("."),
+    as_json: JsonOpt = False,
+) -> None:
+    """True mean CTR of a set of creatives, from the world's hidden oracle."""
+    from cg4ctr_tasks import storage
+    from cg4ctr_tasks.sim.world import evaluate_creatives
+
+    ws = _open(workspace)
+    if not storage.exists(creatives):
+        raise UserError(f"creatives table not found: {creatives}")
+    _emit(evaluate_creatives(ws, storage.read_parquet(creatives)), as_json, "true CTR")
+
+
+@app.command("demo")
+def demo(
+    workspace: WorkspaceOpt = Path("workspace"),
+    seed: Annotated[int | None, typer.Option(help="World seed (default: params seed).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The main job: build or reuse the simulated world, then run the stages that exist."""
+    from cg4ctr_tasks.demo import run_demo
+
+    workspace.mkdir(parents=True, exist_ok=True)
+    ws = _open(workspace)
+    figures = run_demo(ws, seed if seed is not None else ws.params.seed)
+    _emit(figures, as_json, f"cg4ctr demo in {ws.root}")
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as exc:
+        typer.echo(f"cg4ctr: error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("cg4ctr: interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

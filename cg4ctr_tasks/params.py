@@ -1,0 +1,207 @@
+"""Typed parameters: one validated object parsed from params.yaml.
+
+The numbers live in exactly one place, the packaged ``defaults/params.yaml`` (symlinked as the
+repository's DVC-tracked ``params.yaml``). A workspace's own ``params.yaml`` is merged over it,
+then the selected profile's overrides. The models below declare no defaults of their own, so a
+value missing from the YAML is an error rather than a silent second default.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cg4ctr_tasks.errors import UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class StorageParams(_Strict):
+    url: str | None
+    max_image_bytes: int = Field(gt=0)
+    max_image_pixels: int = Field(gt=0)
+
+
+class WorldParams(_Strict):
+    items: int = Field(ge=1, le=100_000)
+    days: int = Field(ge=1, le=3650)
+    start_date: str = Field(pattern=r"^\d{4}-\d{2}-\d{2}$")
+    image_size: int = Field(ge=16, le=1024)
+    categories: list[str] = Field(min_length=1)
+    user_groups: list[str] = Field(min_length=1)
+    devices: list[str] = Field(min_length=1)
+    initial_creatives: int = Field(ge=1)
+    impressions_per_day: int = Field(ge=1)
+    epsilon: float = Field(ge=0.0, le=1.0)
+    base_ctr: float = Field(gt=0.0, lt=1.0)
+
+
+class IngestParams(_Strict):
+    max_reject_fraction: float = Field(ge=0.0, le=1.0)
+    min_impressions: int = Field(ge=0)
+
+
+class SaliencyParams(_Strict):
+    backend: Literal["classical", "isnet"]
+    isnet_checkpoint: str | None
+    isnet_input_size: int = Field(ge=32)
+    shard_size: int = Field(ge=1)
+
+
+class CaptionParams(_Strict):
+    clip_model: str
+    top_tokens: int = Field(ge=1)
+
+
+class GenerateParams(_Strict):
+    base_model: str
+    candidates: int = Field(ge=1)
+    steps: int = Field(ge=1)
+    guidance_scale: float = Field(ge=0.0)
+    scheduler: Literal["ddim", "ddpm", "euler", "dpm", "lcm"]
+    batch_size: int = Field(ge=1)
+    dtype: Literal["float32", "float16", "bfloat16"]
+    default_prompt: list[str] = Field(min_length=1)
+    shard_size: int = Field(ge=1)
+
+
+class LoraParams(_Strict):
+    method: Literal["sft", "preference"]
+    rank: int = Field(ge=1)
+    alpha: float = Field(gt=0)
+    learning_rate: float = Field(gt=0)
+    steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    dpo_beta: float = Field(gt=0)
+
+
+class RewardParams(_Strict):
+    text_encoder: str
+    image_encoder: str
+    image_checkpoint: str | None
+    finetune_encoders: bool
+    lambda_r: float = Field(ge=0.0, le=1.0)
+    learning_rate: float = Field(gt=0)
+    batch_size: int = Field(ge=1)
+    epochs: int = Field(ge=1)
+    hidden_size: int = Field(ge=8)
+    val_fraction: float = Field(gt=0.0, lt=1.0)
+    test_fraction: float = Field(gt=0.0, lt=1.0)
+    min_impressions: int = Field(ge=0)
+    smoothing: Literal["none", "beta"]
+    bootstrap_samples: int = Field(ge=0)
+
+
+class PromptParams(_Strict):
+    lambda_p: float = Field(ge=0.0, le=1.0)
+    learning_rate: float = Field(gt=0)
+    batch_size: int = Field(ge=1)
+    epochs: int = Field(ge=1)
+    tokens_per_prompt: int = Field(ge=1)
+    exploration: float = Field(ge=0.0, le=1.0)
+    embed_dim: int = Field(ge=4)
+
+
+class SelectParams(_Strict):
+    k: int = Field(ge=1)
+
+
+class CycleParams(_Strict):
+    rounds: int = Field(ge=1)
+
+
+class Params(_Strict):
+    profile: str
+    seed: int = Field(ge=0)
+    vocab: str | None
+    storage: StorageParams
+    world: WorldParams
+    ingest: IngestParams
+    saliency: SaliencyParams
+    caption: CaptionParams
+    generate: GenerateParams
+    lora: LoraParams
+    reward: RewardParams
+    prompt: PromptParams
+    select: SelectParams
+    cycle: CycleParams
+    profiles: dict[str, dict[str, Any]]
+
+    @model_validator(mode="after")
+    def _splits_leave_training_data(self) -> Params:
+        if self.reward.val_fraction + self.reward.test_fraction >= 0.9:
+            raise ValueError("reward.val_fraction + reward.test_fraction must be < 0.9")
+        return self
+
+
+def default_params_text() -> str:
+    return resources.files("cg4ctr_tasks").joinpath("defaults/params.yaml").read_text("utf-8")
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """Deep-merge ``override`` into a copy of ``base``; unknown keys are reported by pydantic."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "profiles":
+            out[key] = _merge(out[key], value, f"{where}{key}.")
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_yaml(text: str, source: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{source}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: expected a mapping at the top level")
+    return data
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{key}'")
+        elif err["type"] == "missing":
+            lines.append(f"{source}: missing key '{key}'")
+        else:
+            lines.append(f"{source}: key '{key}': {err['msg']} (got {err.get('input')!r})")
+    return "; ".join(lines)
+
+
+def load_params(
+    path: str | Path | None = None,
+    profile: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Params:
+    """Load the defaults, merge a workspace params file (if it exists), a profile, overrides."""
+    merged = _read_yaml(default_params_text(), "defaults/params.yaml")
+    source = "params.yaml"
+    if path is not None and Path(path).is_file():
+        source = str(path)
+        merged = _merge(merged, _read_yaml(Path(path).read_text("utf-8"), source))
+    if overrides:
+        merged = _merge(merged, overrides)
+    chosen = profile or merged.get("profile", "sim")
+    if chosen != "sim":
+        profiles = merged.get("profiles") or {}
+        if chosen not in profiles:
+            raise UserError(f"{source}: unknown profile '{chosen}' (known: sim, {', '.join(profiles)})")
+        merged = _merge(merged, profiles[chosen])
+    merged["profile"] = chosen
+    try:
+        return Params.model_validate(merged)
+    except ValidationError as exc:
+        raise UserError(_format_error(exc, source)) from None

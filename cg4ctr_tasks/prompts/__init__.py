@@ -1,0 +1,1 @@
+"""Prompt vocabulary, query features, the prompt model and token selection."""
