@@ -25,8 +25,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-sim_app = typer.Typer(help="The embedded simulated world (items, oracle, click simulator).",
-                      no_args_is_help=True)
+sim_app = typer.Typer(
+    help="The embedded simulated world (items, oracle, click simulator).", no_args_is_help=True
+)
 params_app = typer.Typer(help="Inspect the resolved parameters.", no_args_is_help=True)
 app.add_typer(sim_app, name="sim")
 app.add_typer(params_app, name="params")

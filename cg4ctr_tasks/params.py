@@ -198,7 +198,9 @@ def load_params(
     if chosen != "sim":
         profiles = merged.get("profiles") or {}
         if chosen not in profiles:
-            raise UserError(f"{source}: unknown profile '{chosen}' (known: sim, {', '.join(profiles)})")
+            raise UserError(
+                f"{source}: unknown profile '{chosen}' (known: sim, {', '.join(profiles)})"
+            )
         merged = _merge(merged, profiles[chosen])
     merged["profile"] = chosen
     try:

@@ -149,7 +149,9 @@ def write_text(url: str | Path, text: str) -> None:
 
 
 def write_parquet(url: str | Path, frame: pd.DataFrame | pa.Table) -> None:
-    table = frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame, preserve_index=False)
+    table = (
+        frame if isinstance(frame, pa.Table) else pa.Table.from_pandas(frame, preserve_index=False)
+    )
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")
     write_bytes(url, sink.getvalue())

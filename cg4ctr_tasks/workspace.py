@@ -73,6 +73,10 @@ class Workspace:
     def ctr_table(self, date: str) -> str:
         return join(self.data, "ctr", f"{date_partition(date)}.parquet")
 
+    def ctr_creative_table(self, date: str) -> str:
+        """Per-creative roll-up of :meth:`ctr_table` (all user groups), for the reward model."""
+        return join(self.data, "ctr", "creatives", f"{date_partition(date)}.parquet")
+
     def quarantine(self, date: str) -> str:
         return join(self.data, "quarantine", date_partition(date))
 

@@ -36,11 +36,12 @@ class ClickHistory:
     impressions: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def add(self, logs: pd.DataFrame) -> None:
-        sums = logs.groupby(["creative_id", "user_group"])[["clicks", "impressions"]].sum()
-        for (creative, group), row in sums.iterrows():
+        keys = ["creative_id", "user_group"]
+        sums = logs.groupby(keys)[["clicks", "impressions"]].sum().reset_index()
+        for creative, group, clicks, impressions in sums.itertuples(index=False, name=None):
             key = (str(creative), str(group))
-            self.clicks[key] = self.clicks.get(key, 0) + int(row["clicks"])
-            self.impressions[key] = self.impressions.get(key, 0) + int(row["impressions"])
+            self.clicks[key] = self.clicks.get(key, 0) + int(clicks)
+            self.impressions[key] = self.impressions.get(key, 0) + int(impressions)
 
     def estimate(self, creative: str, group: str, prior_ctr: float) -> float:
         key = (creative, group)

@@ -113,7 +113,9 @@ class Oracle:
 def image_features(image: np.ndarray, product_image: np.ndarray, mask: np.ndarray) -> Features:
     """Pixel features of a creative's background and of how well its product is preserved."""
     if image.shape != product_image.shape:
-        raise ValueError(f"creative is {image.shape[:2]}, its product image {product_image.shape[:2]}")
+        raise ValueError(
+            f"creative is {image.shape[:2]}, its product image {product_image.shape[:2]}"
+        )
     rgb = image.astype(np.float64) / 255.0
     background = ~mask
     hsv = rgb_to_hsv(rgb)
@@ -128,7 +130,8 @@ def image_features(image: np.ndarray, product_image: np.ndarray, mask: np.ndarra
     ring_mean = rgb[ring].mean(axis=0) if ring.any() else rgb[background].mean(axis=0)
     contrast = float(np.linalg.norm(product_mean - ring_mean) / np.sqrt(3.0))
     alteration = float(
-        np.abs(image[mask].astype(np.float64) - product_image[mask].astype(np.float64)).mean() / 255.0
+        np.abs(image[mask].astype(np.float64) - product_image[mask].astype(np.float64)).mean()
+        / 255.0
     )
     return Features(
         hue_x=float((weight * np.cos(angle)).mean()),

@@ -146,7 +146,7 @@ def render_background(
     if len(colours) > 1:
         h2, s2, v2 = COLOURS.get(colours[1], (h, s, v))
     else:
-        h2, s2, v2 = h, s * 0.7, v * 0.6 + 0.3
+        h2, s2, v2 = h, s * 0.7, (v * 0.55 if v > 0.5 else v + 0.35)
     primary = hsv_to_rgb(np.array([h, s, v]))
     secondary = hsv_to_rgb(np.array([h2 % 1.0, s2, float(np.clip(v2, 0, 1))]))
 
@@ -163,7 +163,9 @@ def render_background(
 
     for material in by_kind.get("material", []):
         if material == "wood":
-            grain = 0.5 + 0.5 * np.sin(2 * np.pi * (12 * y + 0.6 * np.sin(6 * x + rng.uniform(0, 6))))
+            grain = 0.5 + 0.5 * np.sin(
+                2 * np.pi * (12 * y + 0.6 * np.sin(6 * x + rng.uniform(0, 6)))
+            )
             image = image * (0.8 + 0.2 * grain[..., None]) * np.array([1.05, 0.95, 0.8])
         elif material == "marble":
             veins = np.abs(np.sin(2 * np.pi * (3 * x + 2 * y + 0.4 * np.sin(9 * y))))

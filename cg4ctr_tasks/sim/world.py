@@ -70,7 +70,9 @@ def _colour_word(product: Product) -> str:
 
     hue = float(rgb_to_hsv(product.image[product.mask].mean(axis=0) / 255.0)[0])
     chromatic = {k: v for k, v in COLOURS.items() if v[1] > 0.3}
-    return min(chromatic, key=lambda k: min(abs(chromatic[k][0] - hue), 1 - abs(chromatic[k][0] - hue)))
+    return min(
+        chromatic, key=lambda k: min(abs(chromatic[k][0] - hue), 1 - abs(chromatic[k][0] - hue))
+    )
 
 
 def init_world(ws: Workspace, seed: int, force: bool = False) -> WorldSummary:
@@ -104,7 +106,9 @@ def init_world(ws: Workspace, seed: int, force: bool = False) -> WorldSummary:
         uri = f"images/items/{item_id}.png"
         storage.write_png(storage.join(ws.data, uri), product.image)
         storage.write_png(str(ws.sim / "products" / f"{item_id}.png"), product.image)
-        storage.write_png(str(ws.sim / "masks" / f"{item_id}.png"), product.mask.astype(np.uint8) * 255)
+        storage.write_png(
+            str(ws.sim / "masks" / f"{item_id}.png"), product.mask.astype(np.uint8) * 255
+        )
         item_rows.append(
             {
                 "item_id": item_id,
@@ -208,11 +212,18 @@ class GroundTruth:
                 raise UserError(f"item_id {safe!r} is not an item of this world")
             limits = ws.params.storage
             image = storage.read_image_array(
-                str(ws.sim / "products" / f"{safe}.png"), limits.max_image_bytes, limits.max_image_pixels
+                str(ws.sim / "products" / f"{safe}.png"),
+                limits.max_image_bytes,
+                limits.max_image_pixels,
             )
-            mask = storage.read_image_array(
-                str(ws.sim / "masks" / f"{safe}.png"), limits.max_image_bytes, limits.max_image_pixels
-            )[..., 0] > 127
+            mask = (
+                storage.read_image_array(
+                    str(ws.sim / "masks" / f"{safe}.png"),
+                    limits.max_image_bytes,
+                    limits.max_image_pixels,
+                )[..., 0]
+                > 127
+            )
             self.products[item_id] = Product(image=image, mask=mask)
         return self.products[item_id]
 
@@ -237,7 +248,9 @@ def true_ctr_table(ws: Workspace, creatives: pd.DataFrame) -> pd.DataFrame:
         item_id = str(record["item_id"])
         product = truth.product(ws, item_id)
         image = storage.read_image_array(
-            resolve_uri(ws, str(record["image_uri"])), limits.max_image_bytes, limits.max_image_pixels
+            resolve_uri(ws, str(record["image_uri"])),
+            limits.max_image_bytes,
+            limits.max_image_pixels,
         )
         try:
             features = image_features(image, product.image, product.mask)
