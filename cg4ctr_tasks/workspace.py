@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cg4ctr_tasks import storage
 from cg4ctr_tasks.params import Params, load_params
 from cg4ctr_tasks.storage import join, safe_id
 
@@ -86,6 +87,24 @@ class Workspace:
     def model_dir(self, kind: str, round_id: int | None = None) -> str:
         base = join(self.models, safe_id(kind, "model kind"))
         return base if round_id is None else join(base, round_name(round_id))
+
+    def latest_model_dir(self, kind: str, before_round: int) -> str | None:
+        """The newest ``models/<kind>/round-MMM`` with MMM < ``before_round``, or None.
+
+        Round N generates with the LoRA and selects prompts with the prompt model trained in
+        the latest earlier round (round-000 holds the bootstrap models).
+        """
+        for candidate in range(before_round - 1, -1, -1):
+            path = self.model_dir(kind, candidate)
+            if storage.exists(path):
+                return path
+        return None
+
+    def resolve(self, uri: str) -> str:
+        """An image_uri is relative to the data root unless it is a URL or an absolute path."""
+        if storage.is_remote(uri) or Path(uri).is_absolute():
+            return uri
+        return join(self.data, uri)
 
     def image_path(self, *parts: str) -> str:
         return join(self.data, "images", *(safe_id(p, "path part") for p in parts))

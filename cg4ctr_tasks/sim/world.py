@@ -12,7 +12,6 @@ import hashlib
 import json
 from dataclasses import dataclass
 from datetime import date, timedelta
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -228,13 +227,6 @@ class GroundTruth:
         return self.products[item_id]
 
 
-def resolve_uri(ws: Workspace, uri: str) -> str:
-    """An image_uri is relative to the data root unless it is a URL or an absolute path."""
-    if storage.is_remote(uri) or Path(uri).is_absolute():
-        return uri
-    return storage.join(ws.data, uri)
-
-
 def true_ctr_table(ws: Workspace, creatives: pd.DataFrame) -> pd.DataFrame:
     """True CTR of each creative for its ``user_group`` (or for every group when absent)."""
     for column in ("item_id", "image_uri"):
@@ -248,7 +240,7 @@ def true_ctr_table(ws: Workspace, creatives: pd.DataFrame) -> pd.DataFrame:
         item_id = str(record["item_id"])
         product = truth.product(ws, item_id)
         image = storage.read_image_array(
-            resolve_uri(ws, str(record["image_uri"])),
+            ws.resolve(str(record["image_uri"])),
             limits.max_image_bytes,
             limits.max_image_pixels,
         )
