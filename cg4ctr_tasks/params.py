@@ -60,6 +60,20 @@ class CaptionParams(_Strict):
     top_tokens: int = Field(ge=1)
 
 
+class GeneratorTrainParams(_Strict):
+    text_encoder: str
+    samples: int = Field(ge=8)
+    vae_steps: int = Field(ge=1)
+    unet_steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    vae_learning_rate: float = Field(gt=0)
+    learning_rate: float = Field(gt=0)
+    kl_weight: float = Field(ge=0)
+    uncond_fraction: float = Field(ge=0.0, lt=1.0)
+    eval_steps: int = Field(ge=1)
+    eval_samples: int = Field(ge=1)
+
+
 class GenerateParams(_Strict):
     base_model: str
     candidates: int = Field(ge=1)
@@ -70,6 +84,7 @@ class GenerateParams(_Strict):
     dtype: Literal["float32", "float16", "bfloat16"]
     default_prompt: list[str] = Field(min_length=1)
     shard_size: int = Field(ge=1)
+    train: GeneratorTrainParams
 
 
 class LoraParams(_Strict):
@@ -97,6 +112,15 @@ class RewardParams(_Strict):
     min_impressions: int = Field(ge=0)
     smoothing: Literal["none", "beta"]
     bootstrap_samples: int = Field(ge=0)
+    image_size: int | None = Field(ge=16)
+    text_max_length: int = Field(ge=4)
+    encode_batch_size: int = Field(ge=1)
+    fusion_layers: int = Field(ge=1)
+    fusion_heads: int = Field(ge=1)
+    dropout: float = Field(ge=0.0, lt=1.0)
+    modalities: list[Literal["title", "caption", "image"]] = Field(min_length=1)
+    user_group_token: bool
+    list_temperature: float | None = Field(gt=0)
 
 
 class PromptParams(_Strict):
@@ -106,7 +130,14 @@ class PromptParams(_Strict):
     epochs: int = Field(ge=1)
     tokens_per_prompt: int = Field(ge=1)
     exploration: float = Field(ge=0.0, le=1.0)
+    max_per_kind: dict[str, int]
     embed_dim: int = Field(ge=4)
+    layers: int = Field(ge=1)
+    heads: int = Field(ge=1)
+    hidden: int = Field(ge=4)
+    min_steps: int = Field(ge=0)
+    oov_dropout: float = Field(ge=0.0, lt=1.0)
+    round_tokens: Literal["caption", "prompt"]
 
 
 class SelectParams(_Strict):
@@ -114,7 +145,20 @@ class SelectParams(_Strict):
 
 
 class CycleParams(_Strict):
-    rounds: int = Field(ge=1)
+    train: bool
+    reward_refresh_every: int = Field(ge=0)
+
+
+class RoundSpec(_Strict):
+    id: int = Field(ge=1, le=999)
+    prev: int = Field(ge=0)
+    mode: Literal["lora", "prompt"]
+
+
+class VersioningParams(_Strict):
+    enabled: bool
+    remote: str | None
+    lock_timeout_s: float = Field(ge=0)
 
 
 class Params(_Strict):
@@ -132,12 +176,21 @@ class Params(_Strict):
     prompt: PromptParams
     select: SelectParams
     cycle: CycleParams
+    rounds: list[RoundSpec]
+    versioning: VersioningParams
     profiles: dict[str, dict[str, Any]]
 
     @model_validator(mode="after")
     def _splits_leave_training_data(self) -> Params:
         if self.reward.val_fraction + self.reward.test_fraction >= 0.9:
             raise ValueError("reward.val_fraction + reward.test_fraction must be < 0.9")
+        for index, spec in enumerate(self.rounds, start=1):
+            expected = "lora" if spec.id % 2 else "prompt"
+            if (spec.id, spec.prev, spec.mode) != (index, index - 1, expected):
+                raise ValueError(
+                    f"rounds[{index - 1}] must be {{id: {index}, prev: {index - 1}, "
+                    f"mode: {expected}}} (odd rounds train the LoRA, even rounds the prompt model)"
+                )
         return self
 
 

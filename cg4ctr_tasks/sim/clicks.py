@@ -61,6 +61,9 @@ def simulate_day(
 ) -> pd.DataFrame:
     """One day of logs for the ``displayed`` creatives (columns item_id, creative_id).
 
+    With a ``user_group`` column each group sees only its own rows (per-group creatives);
+    without, every group sees every row. An optional ``prior`` column (the platform's own
+    predicted score) orders cold-start creatives, which have no clicks to be greedy about.
     ``true_ctr`` maps (creative_id, group) to the oracle's CTR; only clicks are drawn from it.
     """
     devices = list(oracle.device_factors)
@@ -70,12 +73,22 @@ def simulate_day(
         np.asarray([oracle.device_factors[d] for d in devices]), np.asarray(oracle.hour_factors)
     ).ravel()
     prior_ctr = float(1.0 / (1.0 + np.exp(-oracle.base_logit)))
+    order = (
+        ["item_id", "prior", "creative_id"] if "prior" in displayed else ["item_id", "creative_id"]
+    )
+    ascending = [True, False, True] if "prior" in displayed else [True, True]
+    shown_frame = displayed.sort_values(order, ascending=ascending)
     rows: list[tuple[str, str, str, str, str, int, int, int]] = []
-    for item_id, group_frame in displayed.sort_values(["item_id", "creative_id"]).groupby(
-        "item_id", sort=True
-    ):
-        creatives = [str(c) for c in group_frame["creative_id"]]
+    for item_id, item_frame in shown_frame.groupby("item_id", sort=True):
         for group in sorted(oracle.groups):
+            if "user_group" in item_frame:
+                creatives = [
+                    str(c) for c in item_frame.loc[item_frame["user_group"] == group, "creative_id"]
+                ]
+            else:
+                creatives = [str(c) for c in item_frame["creative_id"]]
+            if not creatives:
+                continue
             estimates = np.array([history.estimate(c, group, prior_ctr) for c in creatives])
             share = np.full(len(creatives), epsilon / len(creatives))
             share[int(np.argmax(estimates))] += 1.0 - epsilon
