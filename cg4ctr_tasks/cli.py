@@ -134,6 +134,99 @@ def demo(
     _emit(figures, as_json, f"cg4ctr demo in {ws.root}")
 
 
+RoundOpt = Annotated[int, typer.Option("--round", help="Round id (0 = bootstrap).", min=0, max=999)]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Redo work whose output exists.")]
+
+
+@app.command("select")
+def select_cmd(
+    round_id: RoundOpt,
+    workspace: WorkspaceOpt = Path("."),
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Top-k candidates per (item, user group) by reward score -> G, the rest -> B."""
+    from cg4ctr_tasks.select import select_round
+
+    _emit(select_round(_open(workspace), round_id, force).as_dict(), as_json, "partition")
+
+
+@app.command("round-for")
+def round_for(
+    date: Annotated[str, typer.Option(help="Logical date YYYY-MM-DD (e.g. Airflow's ds).")],
+    workspace: WorkspaceOpt = Path("."),
+    as_json: JsonOpt = False,
+) -> None:
+    """The round of a logical date from the round ledger (a new, later date gets the next id)."""
+    from dataclasses import asdict
+
+    from cg4ctr_tasks.rounds import round_for_date
+
+    _emit(asdict(round_for_date(_open(workspace), date)), as_json, "round")
+
+
+@app.command("version")
+def version_cmd(
+    round_id: RoundOpt,
+    workspace: WorkspaceOpt = Path("."),
+    as_json: JsonOpt = False,
+) -> None:
+    """Record the round with DVC (commit + push to the remote) and tag it round-NNN in git."""
+    from cg4ctr_tasks.versioning import version_round
+
+    _emit(version_round(_open(workspace), round_id).as_dict(), as_json, "version")
+
+
+@app.command("restore")
+def restore_cmd(
+    round_id: RoundOpt,
+    workspace: WorkspaceOpt = Path("."),
+) -> None:
+    """Check out round-NNN's data and checkpoints (git checkout + dvc checkout)."""
+    from cg4ctr_tasks.versioning import restore_round
+
+    commit = restore_round(_open(workspace), round_id)
+    typer.echo(f"restored round {round_id} at {commit}")
+
+
+@sim_app.command("online")
+def sim_online(
+    round_id: RoundOpt,
+    workspace: WorkspaceOpt = Path("."),
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Display the round's kept creatives, simulate a day of clicks into raw logs, measure."""
+    from cg4ctr_tasks.rounds import round_info
+    from cg4ctr_tasks.sim.online import online_round
+
+    ws = _open(workspace)
+    _emit(online_round(ws, round_info(ws, round_id), force), as_json, "online day")
+
+
+@sim_app.command("baseline")
+def sim_baseline(workspace: WorkspaceOpt = Path("."), as_json: JsonOpt = False) -> None:
+    """True CTR of the initial creatives: round 0 of the uplift table."""
+    from cg4ctr_tasks.sim.online import baseline_metrics
+
+    _emit(baseline_metrics(_open(workspace)), as_json, "round 0")
+
+
+@app.command("cycle")
+def cycle_cmd(
+    rounds: Annotated[
+        int | None, typer.Option(help="Rounds to run (default: params rounds).")
+    ] = None,
+    workspace: WorkspaceOpt = Path("."),
+) -> None:
+    """Bootstrap, then run self-cycling rounds end to end; re-run to resume after a crash."""
+    from cg4ctr_tasks.cycle import run_cycle
+
+    ws = _open(workspace)
+    done = run_cycle(ws, rounds or len(ws.params.rounds), lambda line: typer.echo(line, err=True))
+    typer.echo(f"rounds finished: {done}")
+
+
 def main() -> None:
     try:
         app()

@@ -15,7 +15,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import date, timedelta
-from pathlib import Path
 
 from cg4ctr_tasks import storage
 from cg4ctr_tasks.errors import UserError

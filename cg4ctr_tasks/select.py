@@ -56,7 +56,8 @@ def select_round(ws: Workspace, round_id: int, force: bool = False) -> Partition
     if not storage.exists(scores_path):
         raise UserError(f"round {round_id} has no scores: run `cg4ctr score --round {round_id}`")
     if force or not storage.exists(target):
-        storage.write_parquet(target, partition(storage.read_parquet(scores_path), ws.params.select.k))
+        scores = storage.read_parquet(scores_path)
+        storage.write_parquet(target, partition(scores, ws.params.select.k))
     table = storage.read_parquet(target)
     return PartitionSummary(
         round=round_id,
