@@ -227,6 +227,39 @@ def cycle_cmd(
     typer.echo(f"rounds finished: {done}")
 
 
+@app.command("train-reward")
+def train_reward_cmd(
+    workspace: WorkspaceOpt = Path("."),
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train the reward model (Eq 14-17) on the CTR tables; epochs chosen on validation."""
+    from cg4ctr_tasks.reward.train import train_reward
+
+    _emit(train_reward(_open(workspace), force), as_json, "reward model")
+
+
+@app.command("eval-reward")
+def eval_reward_cmd(workspace: WorkspaceOpt = Path("."), as_json: JsonOpt = False) -> None:
+    """Uplift top-1..5 and MSE (Eq 18-21) of the reward model on the held-out items."""
+    from cg4ctr_tasks.reward.evaluate import eval_reward
+
+    _emit(eval_reward(_open(workspace)), as_json, "reward model, test split")
+
+
+@app.command("score")
+def score_cmd(
+    round_id: RoundOpt,
+    workspace: WorkspaceOpt = Path("."),
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Score a round's candidates with the reward model -> rounds/round-NNN/scores.parquet."""
+    from cg4ctr_tasks.reward.score import score_round
+
+    _emit(score_round(_open(workspace), round_id, force), as_json, "scores")
+
+
 def main() -> None:
     try:
         app()
