@@ -69,6 +69,19 @@ def round_stages(ws: Workspace, info: RoundInfo) -> list[Stage]:
     return stages
 
 
+def shard_specs(ws: Workspace, shard_size: int) -> list[str]:
+    """``i/n`` shard arguments over the item table, at most ``airflow.max_shards`` of them."""
+    import math
+
+    import pyarrow.parquet as pq
+
+    fs, path = storage.url_to_fs(ws.items_table)
+    with fs.open(path, "rb") as handle:
+        items = pq.ParquetFile(handle).metadata.num_rows
+    count = max(1, min(ws.params.airflow.max_shards, math.ceil(items / shard_size)))
+    return [f"{i}/{count}" for i in range(count)]
+
+
 def _marker(ws: Workspace, round_id: int, stage: str) -> Path:
     return Path(ws.round_dir(round_id)) / ".stages" / f"{stage}.done"
 

@@ -55,9 +55,29 @@ class SaliencyParams(_Strict):
     shard_size: int = Field(ge=1)
 
 
+class ClipTrainParams(_Strict):
+    steps: int = Field(ge=1)
+    batch_size: int = Field(ge=2)
+    learning_rate: float = Field(gt=0)
+    bare_fraction: float = Field(ge=0.0, le=1.0)
+    max_length: int = Field(ge=4)
+    text_hidden: int = Field(ge=8)
+    text_layers: int = Field(ge=1)
+    vision_hidden: int = Field(ge=8)
+    vision_layers: int = Field(ge=1)
+    heads: int = Field(ge=1)
+    patch_size: int = Field(ge=2)
+    projection_dim: int = Field(ge=4)
+    heldout_images: int = Field(ge=1)
+
+
 class CaptionParams(_Strict):
     clip_model: str
     top_tokens: int = Field(ge=1)
+    phrase: str = Field(pattern=r"\{token\}")
+    batch_size: int = Field(ge=1)
+    shard_size: int = Field(ge=1)
+    train: ClipTrainParams
 
 
 class GeneratorTrainParams(_Strict):
@@ -155,6 +175,14 @@ class RoundSpec(_Strict):
     mode: Literal["lora", "prompt"]
 
 
+class AirflowParams(_Strict):
+    schedule: str | None
+    start_date: str = Field(pattern=r"^\d{4}-\d{2}-\d{2}$")
+    retries: int = Field(ge=0)
+    retry_delay_s: float = Field(ge=0)
+    max_shards: int = Field(ge=1, le=1024)
+
+
 class VersioningParams(_Strict):
     enabled: bool
     remote: str | None
@@ -177,6 +205,7 @@ class Params(_Strict):
     select: SelectParams
     cycle: CycleParams
     rounds: list[RoundSpec]
+    airflow: AirflowParams
     versioning: VersioningParams
     profiles: dict[str, dict[str, Any]]
 
