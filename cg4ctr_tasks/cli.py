@@ -151,6 +151,39 @@ def select_cmd(
     _emit(select_round(_open(workspace), round_id, force).as_dict(), as_json, "partition")
 
 
+@app.command("prompts")
+def prompts_cmd(
+    round_id: RoundOpt,
+    workspace: WorkspaceOpt = Path("."),
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """One prompt per (item, user group): top-p tokens by the prompt model, with exploration."""
+    from cg4ctr_tasks.prompts.select import select_prompts
+
+    _emit(select_prompts(_open(workspace), round_id, force).as_dict(), as_json, "prompts")
+
+
+@app.command("train-prompt")
+def train_prompt_cmd(
+    round_id: Annotated[
+        int | None, typer.Option("--round", help="Even round to train on (Eq 8).", min=2, max=999)
+    ] = None,
+    bootstrap: Annotated[
+        bool, typer.Option("--bootstrap", help="Initial model from the CTR tables + captions.")
+    ] = False,
+    workspace: WorkspaceOpt = Path("."),
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train the prompt model: --bootstrap from click logs, or --round N (even) on G/B."""
+    from cg4ctr_tasks.prompts.train import train_prompt
+
+    if bootstrap == (round_id is not None):
+        raise UserError("train-prompt needs exactly one of --bootstrap and --round N")
+    _emit(train_prompt(_open(workspace), round_id, force).as_dict(), as_json, "prompt model")
+
+
 @app.command("round-for")
 def round_for(
     date: Annotated[str, typer.Option(help="Logical date YYYY-MM-DD (e.g. Airflow's ds).")],
@@ -258,6 +291,14 @@ def score_cmd(
     from cg4ctr_tasks.reward.score import score_round
 
     _emit(score_round(_open(workspace), round_id, force), as_json, "scores")
+
+
+@app.command("report")
+def report_cmd(workspace: WorkspaceOpt = Path("."), as_json: JsonOpt = False) -> None:
+    """Write the self-contained HTML report (image grids, CTR per round, params)."""
+    from cg4ctr_tasks.report import write_report
+
+    _emit(write_report(_open(workspace)).as_dict(), as_json, "report")
 
 
 def main() -> None:

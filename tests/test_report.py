@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from cg4ctr_tasks import storage
+from cg4ctr_tasks.report import write_report
+from cg4ctr_tasks.sim.online import baseline_metrics
+from cg4ctr_tasks.sim.world import init_world
+from cg4ctr_tasks.workspace import Workspace
+
+
+def _round_from_initial_creatives(ws: Workspace, round_id: int, true_ctr: float) -> None:
+    """A stand-in round: the initial creatives as candidates, scored, partitioned."""
+    creatives = storage.read_parquet(ws.creatives_table)
+    rows = []
+    for group in ("g0", "g1"):
+        for rank, rec in enumerate(creatives.to_dict("records"), start=1):
+            rows.append(
+                {
+                    "candidate_id": f"{rec['creative_id']}-{group}",
+                    "item_id": rec["item_id"],
+                    "user_group": group,
+                    "image_uri": rec["image_uri"],
+                    "score": 1.0 / rank,
+                }
+            )
+    table = pd.DataFrame(rows)
+    round_dir = ws.round_dir(round_id)
+    storage.write_parquet(storage.join(round_dir, "candidates.parquet"), table)
+    part = table.assign(rank=table.groupby(["item_id", "user_group"]).cumcount() + 1)
+    part["kept"] = part["rank"] <= 2
+    columns = ["candidate_id", "item_id", "user_group", "score", "rank", "kept"]
+    storage.write_parquet(storage.join(round_dir, "partition.parquet"), part[columns])
+    storage.write_parquet(
+        storage.join(round_dir, "captions.parquet"),
+        table.assign(caption="blue soft striped")[["candidate_id", "caption"]],
+    )
+    metrics = {
+        "round": round_id,
+        "mode": "lora",
+        "true_ctr": true_ctr,
+        "true_ctr_per_group": {"g0": true_ctr, "g1": true_ctr},
+        "logged_ctr": 0.03,
+    }
+    storage.write_text(storage.join(round_dir, "metrics.json"), json.dumps(metrics))
+
+
+def test_report_has_rounds_images_plot_params_and_plot_table(workspace: Path) -> None:
+    ws = Workspace.open(workspace)
+    init_world(ws, seed=4)
+    base = baseline_metrics(ws)["true_ctr"]
+    _round_from_initial_creatives(ws, 1, base * 1.1)
+    result = write_report(ws)
+    page = Path(result.path).read_text()
+    assert result.rounds == 1
+    assert "Round 1" in page and "blue soft striped" in page
+    assert page.count("data:image/png;base64,") > 10  # originals, kept candidates, the plot
+    assert "Parameters" in page and "&quot;lambda_r&quot;: 0.1" in page
+    assert "http://" not in page and "https://" not in page  # self-contained
+    table = pd.read_csv(result.metrics_table)
+    assert list(table["round"]) == [0, 1]
+    assert table.loc[1, "uplift"] == __import__("pytest").approx(0.1, rel=1e-6)
+    assert (workspace / "data/rounds/round-001/report.html").exists()
+
+
+def test_report_survives_a_missing_image(workspace: Path) -> None:
+    ws = Workspace.open(workspace)
+    init_world(ws, seed=4)
+    _round_from_initial_creatives(ws, 1, 0.05)
+    next((workspace / "data/images/creatives/round-000").glob("*.png")).write_bytes(b"broken")
+    page = Path(write_report(ws).path).read_text()
+    assert "missing" in page
