@@ -245,6 +245,21 @@ def sim_baseline(workspace: WorkspaceOpt = Path("."), as_json: JsonOpt = False) 
     _emit(baseline_metrics(_open(workspace)), as_json, "round 0")
 
 
+@app.command("round")
+def round_cmd(
+    round_id: RoundOpt,
+    workspace: WorkspaceOpt = Path("."),
+    no_version: Annotated[
+        bool, typer.Option("--no-version", help="Skip the DVC/git step (inside `dvc repro`).")
+    ] = False,
+) -> None:
+    """Run one round's stages in order (round 0: the bootstrap); resumes where it stopped."""
+    from cg4ctr_tasks.cycle import run_round
+
+    run_round(_open(workspace), round_id, lambda line: typer.echo(line, err=True), not no_version)
+    typer.echo(f"round {round_id} finished")
+
+
 @app.command("cycle")
 def cycle_cmd(
     rounds: Annotated[

@@ -27,7 +27,7 @@ class Stage:
     args: list[str]  # `cg4ctr` arguments, without --workspace
 
 
-def bootstrap_stages(ws: Workspace) -> list[Stage]:
+def bootstrap_stages(ws: Workspace, version: bool = True) -> list[Stage]:
     """Round 0: learn from the click history before any generation."""
     stages = [
         Stage("ingest", ["ingest", "--pending"]),
@@ -37,12 +37,12 @@ def bootstrap_stages(ws: Workspace) -> list[Stage]:
     ]
     if (ws.sim / "oracle.json").exists():
         stages.append(Stage("evaluate", ["sim", "baseline"]))
-    if ws.params.versioning.enabled:
+    if version and ws.params.versioning.enabled:
         stages.append(Stage("version", ["version", "--round", "0"]))
     return stages
 
 
-def round_stages(ws: Workspace, info: RoundInfo) -> list[Stage]:
+def round_stages(ws: Workspace, info: RoundInfo, version: bool = True) -> list[Stage]:
     """Round N: ingest, (reward refresh), saliency, prompts, generate, caption, score, select,
     train (odd: LoRA, even: prompt model), online (simulated world), version, report."""
     n = str(info.id)
@@ -63,7 +63,7 @@ def round_stages(ws: Workspace, info: RoundInfo) -> list[Stage]:
         stages.append(Stage(command, [command, "--round", n]))
     if (ws.sim / "oracle.json").exists():
         stages.append(Stage("online", ["sim", "online", "--round", n]))
-    if ws.params.versioning.enabled:
+    if version and ws.params.versioning.enabled:
         stages.append(Stage("version", ["version", "--round", n]))
     stages.append(Stage("report", ["report"]))
     return stages
@@ -107,16 +107,22 @@ def run_stage(ws: Workspace, round_id: int, stage: Stage, log: Callable[[str], N
     return True
 
 
+def run_round(
+    ws: Workspace, round_id: int, log: Callable[[str], None], version: bool = True
+) -> None:
+    """Run one round's stages (round 0: the bootstrap); finished stages are skipped."""
+    if storage.is_remote(ws.base):
+        raise UserError("stage markers are kept locally: run the cycle in a local workspace")
+    if round_id == 0:
+        stages = bootstrap_stages(ws, version)
+    else:
+        stages = round_stages(ws, round_info(ws, round_id), version)
+    for stage in stages:
+        run_stage(ws, round_id, stage, log)
+
+
 def run_cycle(ws: Workspace, rounds: int, log: Callable[[str], None]) -> list[int]:
     """Bootstrap (once) and run rounds 1..``rounds``; resumable stage by stage."""
-    if storage.is_remote(ws.base):
-        raise UserError("cg4ctr cycle keeps its stage markers locally; use a local workspace")
-    for stage in bootstrap_stages(ws):
-        run_stage(ws, 0, stage, log)
-    done = []
-    for round_id in range(1, rounds + 1):
-        info = round_info(ws, round_id)
-        for stage in round_stages(ws, info):
-            run_stage(ws, round_id, stage, log)
-        done.append(round_id)
-    return done
+    for round_id in range(rounds + 1):
+        run_round(ws, round_id, log)
+    return list(range(1, rounds + 1))

@@ -84,6 +84,7 @@ class GeneratorTrainParams(_Strict):
     text_encoder: str
     samples: int = Field(ge=8)
     vae_steps: int = Field(ge=1)
+    vae_crop: int = Field(ge=8)
     unet_steps: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     vae_learning_rate: float = Field(gt=0)
@@ -171,7 +172,7 @@ class CycleParams(_Strict):
 
 class RoundSpec(_Strict):
     id: int = Field(ge=1, le=999)
-    prev: int = Field(ge=0)
+    prev: str
     mode: Literal["lora", "prompt"]
 
 
@@ -204,7 +205,7 @@ class Params(_Strict):
     prompt: PromptParams
     select: SelectParams
     cycle: CycleParams
-    rounds: list[RoundSpec]
+    rounds: dict[str, RoundSpec]
     airflow: AirflowParams
     versioning: VersioningParams
     profiles: dict[str, dict[str, Any]]
@@ -213,12 +214,13 @@ class Params(_Strict):
     def _splits_leave_training_data(self) -> Params:
         if self.reward.val_fraction + self.reward.test_fraction >= 0.9:
             raise ValueError("reward.val_fraction + reward.test_fraction must be < 0.9")
-        for index, spec in enumerate(self.rounds, start=1):
-            expected = "lora" if spec.id % 2 else "prompt"
-            if (spec.id, spec.prev, spec.mode) != (index, index - 1, expected):
+        for index, (name, spec) in enumerate(self.rounds.items(), start=1):
+            expected = (f"round-{index:03d}", index, f"round-{index - 1:03d}")
+            mode = "lora" if index % 2 else "prompt"
+            if (name, spec.id, spec.prev) != expected or spec.mode != mode:
                 raise ValueError(
-                    f"rounds[{index - 1}] must be {{id: {index}, prev: {index - 1}, "
-                    f"mode: {expected}}} (odd rounds train the LoRA, even rounds the prompt model)"
+                    f"rounds: entry {index} must be {expected[0]}: {{id: {index}, prev: "
+                    f"{expected[2]}, mode: {mode}}} (odd rounds train the LoRA, even the prompt model)"
                 )
         return self
 

@@ -170,6 +170,10 @@ def write_report(ws: Workspace) -> ReportResult:
     table = metrics_table(ws)
     csv_path = storage.join(ws.data, "metrics", "rounds.csv")
     storage.write_text(csv_path, table.to_csv(index=False))
+    summary = {round_name(int(r["round"])): r for r in json.loads(table.to_json(orient="records"))}
+    storage.write_text(
+        storage.join(ws.data, "metrics", "summary.json"), json.dumps(summary, indent=2)
+    )
     originals = storage.read_parquet(ws.creatives_table).sort_values("creative_id")
     sections = []
     for round_id in _rounds(ws):
