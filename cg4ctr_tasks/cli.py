@@ -123,15 +123,34 @@ def sim_evaluate(
 def demo(
     workspace: WorkspaceOpt = Path("workspace"),
     seed: Annotated[int | None, typer.Option(help="World seed (default: params seed).")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Rounds (default: params rounds).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """The main job: build or reuse the simulated world, then run the stages that exist."""
+    """The main job: world, bootstrap, self-cycling rounds, Table 1 of true CTR, HTML report."""
     from cg4ctr_tasks.demo import run_demo
 
     workspace.mkdir(parents=True, exist_ok=True)
     ws = _open(workspace)
-    figures = run_demo(ws, seed if seed is not None else ws.params.seed)
-    _emit(figures, as_json, f"cg4ctr demo in {ws.root}")
+    figures = run_demo(
+        ws,
+        seed if seed is not None else ws.params.seed,
+        rounds or len(ws.params.rounds),
+        lambda line: typer.echo(line, err=True),
+    )
+    if as_json:
+        typer.echo(json.dumps(figures, indent=2))
+        return
+    table = Table(
+        title=f"True CTR of the creatives shown (simulated world, seed {figures['seed']})"
+    )
+    for column in ("round", "shown", "true CTR", "uplift vs round 0"):
+        table.add_column(column)
+    for row in figures["table"]:
+        table.add_row(
+            str(row["round"]), row["shown"], f"{row['true_ctr']:.4%}", f"{row['uplift']:+.1%}"
+        )
+    console.print(table)
+    console.print(f"report: {figures['report']}")
 
 
 RoundOpt = Annotated[int, typer.Option("--round", help="Round id (0 = bootstrap).", min=0, max=999)]
