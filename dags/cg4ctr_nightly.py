@@ -86,7 +86,8 @@ def cg4ctr_nightly() -> None:
 
     @task.bash(outlets=[ROUND_ASSETS["candidates"]])
     def merge_candidates(round_id: int) -> str:
-        return cli("generate", "--round", str(round_id), "--merge")
+        """The unsharded call finds every shard's parts done and writes candidates.parquet."""
+        return cli("generate", "--round", str(round_id))
 
     @task.bash
     def caption(round_id: int) -> str:
