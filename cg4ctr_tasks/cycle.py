@@ -82,8 +82,8 @@ def shard_specs(ws: Workspace, shard_size: int) -> list[str]:
     return [f"{i}/{count}" for i in range(count)]
 
 
-def _marker(ws: Workspace, round_id: int, stage: str) -> Path:
-    return Path(ws.round_dir(round_id)) / ".stages" / f"{stage}.done"
+def _marker(ws: Workspace, round_id: int, stage: str) -> str:
+    return storage.join(ws.round_dir(round_id), ".stages", f"{stage}.done")
 
 
 def cg4ctr_command() -> list[str]:
@@ -95,15 +95,14 @@ def cg4ctr_command() -> list[str]:
 def run_stage(ws: Workspace, round_id: int, stage: Stage, log: Callable[[str], None]) -> bool:
     """Run one stage unless its marker says it finished; returns whether it ran."""
     marker = _marker(ws, round_id, stage.name)
-    if marker.exists():
+    if storage.exists(marker):
         return False
     log(f"round {round_id}: {stage.name} ...")
     argv = [*cg4ctr_command(), *stage.args, "--workspace", str(ws.root)]
     proc = subprocess.run(argv, env={**os.environ}, check=False)
     if proc.returncode != 0:
         raise UserError(f"round {round_id}: stage {stage.name} failed ({' '.join(stage.args)})")
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text("done\n")
+    storage.write_text(marker, "done\n")
     return True
 
 
@@ -111,8 +110,6 @@ def run_round(
     ws: Workspace, round_id: int, log: Callable[[str], None], version: bool = True
 ) -> None:
     """Run one round's stages (round 0: the bootstrap); finished stages are skipped."""
-    if storage.is_remote(ws.base):
-        raise UserError("stage markers are kept locally: run the cycle in a local workspace")
     if round_id == 0:
         stages = bootstrap_stages(ws, version)
     else:
