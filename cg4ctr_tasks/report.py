@@ -105,6 +105,9 @@ def _plot(table: pd.DataFrame) -> str:
     for column in columns:
         style = "-o" if column == "true_ctr" else "--"
         ax.plot(table["round"], table[column], style, label=column)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("CTR")
     ax.set_title("CTR per round (round 0: the initial creatives)")

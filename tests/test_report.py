@@ -1,9 +1,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pytest
+from PIL import Image
 
 from cg4ctr_tasks import storage
 from cg4ctr_tasks.report import write_report
@@ -62,7 +66,7 @@ def test_report_has_rounds_images_plot_params_and_plot_table(workspace: Path) ->
     assert "http://" not in page and "https://" not in page  # self-contained
     table = pd.read_csv(result.metrics_table)
     assert list(table["round"]) == [0, 1]
-    assert table.loc[1, "uplift"] == __import__("pytest").approx(0.1, rel=1e-6)
+    assert table.loc[1, "uplift"] == pytest.approx(0.1, rel=1e-6)
     assert (workspace / "data/rounds/round-001/report.html").exists()
 
 
@@ -73,3 +77,42 @@ def test_report_survives_a_missing_image(workspace: Path) -> None:
     next((workspace / "data/images/creatives/round-000").glob("*.png")).write_bytes(b"broken")
     page = Path(write_report(ws).path).read_text()
     assert "missing" in page
+
+
+@pytest.mark.integration
+def test_report_renders_in_headless_chromium(workspace: Path, tmp_path_factory) -> None:  # type: ignore[no-untyped-def]
+    from tests.system_packages import ensure_binary
+
+    chromium = ensure_binary("chromium", ["chromium"])
+    ws = Workspace.open(workspace)
+    init_world(ws, seed=4)
+    baseline_metrics(ws)
+    _round_from_initial_creatives(ws, 1, 0.05)
+    page = Path(write_report(ws).path)
+    shot = tmp_path_factory.mktemp("shot") / "report.png"
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--window-size=1200,1600",
+            f"--screenshot={shot}",
+            page.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    with Image.open(shot) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    assert pixels.shape[0] >= 1000 and pixels.shape[1] >= 1000
+    # a rendered page, not a blank one: many distinct colours (images and the plot)
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 200
