@@ -119,6 +119,30 @@ def sim_evaluate(
     _emit(evaluate_creatives(ws, storage.read_parquet(creatives)), as_json, "true CTR")
 
 
+@app.command("ingest")
+def ingest_cmd(
+    date: Annotated[str | None, typer.Option("--date", help="One date, YYYY-MM-DD.")] = None,
+    start: Annotated[str | None, typer.Option(help="First date of a backfill.")] = None,
+    end: Annotated[str | None, typer.Option(help="Last date of a backfill (inclusive).")] = None,
+    logs: Annotated[
+        str | None,
+        typer.Option(help="Folder or s3://bucket/prefix holding dt=YYYY-MM-DD/ partitions."),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Re-ingest dates whose outputs are current.")] = False,
+    workspace: WorkspaceOpt = Path("."),
+    as_json: JsonOpt = False,
+) -> None:
+    """Validate and aggregate click logs into data/ctr/; rejected rows go to data/quarantine/."""
+    from cg4ctr_tasks.ingest import ingest
+
+    if (date is None) == (start is None) or (date is not None and end is not None):
+        raise UserError("give either --date D or --start S [--end E]")
+    ws = _open(workspace)
+    first = date or start
+    assert first is not None
+    _emit(ingest(ws, first, end or first, logs, force), as_json, f"ingest {first}..{end or first}")
+
+
 @app.command("demo")
 def demo(
     workspace: WorkspaceOpt = Path("workspace"),

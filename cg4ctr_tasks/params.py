@@ -46,6 +46,9 @@ class WorldParams(_Strict):
 class IngestParams(_Strict):
     max_reject_fraction: float = Field(ge=0.0, le=1.0)
     min_impressions: int = Field(ge=0)
+    read_batch_bytes: int = Field(ge=1)
+    stream_block_bytes: int = Field(ge=4096)
+    validation_chunk_rows: int = Field(ge=1)
 
 
 class SaliencyParams(_Strict):
