@@ -1,0 +1,253 @@
+"""Odd rounds (`cg4ctr train-lora --round N`): a LoRA on the UNet trained on the round's positives.
+
+The paper's generator update (Eq 3/4): the noise-prediction MSE of SD inpainting, where the UNet
+sees ``concat(z_t, mask, VAE(masked image))``, on the top-k candidates G of the round. Only the
+LoRA matrices on the attention projections (to_q, to_k, to_v, to_out.0) train; the base model
+stays byte-identical. The adapter continues from the latest earlier round's adapter, so the
+generator keeps what previous rounds taught it, and is saved in the diffusers/peft LoRA format
+(safetensors) that ``pipe.load_lora_weights(dir)`` reads.
+
+The optimisation loop (:func:`fit_adapter`) takes the objective as a function of a batch of
+example indices, so another objective over the same frozen features (a preference loss over
+(G, B) pairs, ``lora.method: preference``) plugs in without a second loop.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from cg4ctr_tasks import storage
+from cg4ctr_tasks.errors import UserError
+from cg4ctr_tasks.generate import load_pipeline, local_dir
+from cg4ctr_tasks.params import LoraParams
+from cg4ctr_tasks.sim.train_generator import (
+    LatentSet,
+    encode_inpaint_set,
+    inpainting_loss,
+)
+from cg4ctr_tasks.workspace import Workspace
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+
+TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+# An objective maps (example indices, random generator) to a scalar loss.
+Objective = Callable[["torch.Tensor", "torch.Generator"], "torch.Tensor"]
+
+
+@dataclass(frozen=True)
+class LoraSummary:
+    round: int
+    method: str
+    out: str
+    examples: int
+    steps: int
+    first_loss: float
+    last_loss: float
+    continued_from: str | None
+    reused: bool
+    seconds: float
+
+    def as_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+def add_lora(unet: UNet2DConditionModel, lp: LoraParams, previous: str | None = None) -> None:
+    """Freeze the UNet and attach a trainable LoRA (fresh, or the previous round's adapter)."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    if previous is None:
+        config = LoraConfig(
+            r=lp.rank,
+            lora_alpha=lp.alpha,
+            init_lora_weights="gaussian",
+            target_modules=TARGET_MODULES,
+        )
+        unet.add_adapter(config)
+    else:
+        unet.load_lora_adapter(
+            local_dir(previous), prefix="unet", adapter_name="default", weight_name=WEIGHTS_NAME
+        )
+    for name, param in unet.named_parameters():
+        if "lora_" in name:
+            param.requires_grad_(True)
+
+
+def sft_objective(
+    unet: UNet2DConditionModel, noise_scheduler: object, data: LatentSet
+) -> Objective:
+    """Eq 3/4 on the examples (top-k positives G): the inpainting noise-prediction MSE."""
+
+    def loss(idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return inpainting_loss(
+            unet,
+            noise_scheduler,
+            data.latents[idx],
+            data.masks[idx],
+            data.masked_latents[idx],
+            data.text[idx],
+            generator,
+        )
+
+    return loss
+
+
+def fit_adapter(
+    unet: UNet2DConditionModel,
+    objective: Objective,
+    examples: int,
+    lp: LoraParams,
+    seed: int,
+) -> list[float]:
+    """AdamW on the trainable (LoRA) parameters for ``lora.steps`` batches; returns the losses."""
+    import torch
+
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    if not trainable:
+        raise RuntimeError("the UNet has no trainable LoRA parameters")
+    optimizer = torch.optim.AdamW(trainable, lr=lp.learning_rate)
+    generator = torch.Generator().manual_seed(seed)
+    unet.train()
+    losses = []
+    for _ in range(lp.steps):
+        idx = torch.randint(examples, (min(lp.batch_size, examples),), generator=generator)
+        loss = objective(idx, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+    unet.eval()
+    return losses
+
+
+def save_adapter(unet: UNet2DConditionModel, folder: str) -> None:
+    """The diffusers LoRA file (peft keys, ``unet.`` prefix) + its adapter config metadata."""
+    from diffusers import StableDiffusionInpaintPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    StableDiffusionInpaintPipeline.save_lora_weights(
+        folder,
+        unet_lora_layers=get_peft_model_state_dict(unet),
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        weight_name=WEIGHTS_NAME,
+    )
+
+
+def load_positives(ws: Workspace, round_id: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Images, product masks and prompts of the round's kept candidates G."""
+    round_dir = ws.round_dir(round_id)
+    partition_path = storage.join(round_dir, "partition.parquet")
+    candidates_path = storage.join(round_dir, "candidates.parquet")
+    for path, stage in ((candidates_path, "generate"), (partition_path, "select")):
+        if not storage.exists(path):
+            raise UserError(f"{path} not found: run `cg4ctr {stage} --round {round_id}` first")
+    partition = storage.read_parquet(partition_path, columns=["candidate_id", "kept"])
+    candidates = storage.read_parquet(
+        candidates_path, columns=["candidate_id", "item_id", "image_uri", "prompt"]
+    )
+    kept = candidates.merge(partition[partition["kept"].astype(bool)], on="candidate_id")
+    if kept.empty:
+        raise UserError(f"round {round_id}: no kept candidates to train the LoRA on")
+    limits = ws.params.storage
+    masks: dict[str, np.ndarray] = {}
+    images, product_masks = [], []
+    for row in kept.itertuples(index=False):
+        item_id = storage.safe_id(row.item_id, "item_id")
+        if item_id not in masks:
+            mask_url = storage.join(round_dir, "saliency", "masks", f"{item_id}.png")
+            if not storage.exists(mask_url):
+                raise UserError(f"{mask_url} not found: run `cg4ctr saliency --round {round_id}`")
+            masks[item_id] = (
+                storage.read_image_array(mask_url, limits.max_image_bytes, limits.max_image_pixels)[
+                    ..., 0
+                ]
+                > 127
+            )
+        images.append(
+            storage.read_image_array(
+                ws.resolve(str(row.image_uri)), limits.max_image_bytes, limits.max_image_pixels
+            )
+        )
+        product_masks.append(masks[item_id])
+    return np.stack(images), np.stack(product_masks), kept["prompt"].astype(str).tolist()
+
+
+def encode_examples(
+    pipe: StableDiffusionInpaintPipeline,
+    images: np.ndarray,
+    product_masks: np.ndarray,
+    prompts: list[str],
+    batch_size: int,
+) -> LatentSet:
+    """Frozen VAE and text features of the examples, on the pipeline's device."""
+    return encode_inpaint_set(
+        pipe.vae, pipe.text_encoder, pipe.tokenizer, images, product_masks, prompts, batch_size
+    )
+
+
+def train_lora(ws: Workspace, round_id: int, force: bool = False) -> LoraSummary:
+    """Train and save ``models/lora/round-NNN`` from the round's positives (skip if present)."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    started = time.perf_counter()
+    lp = ws.params.lora
+    out = ws.model_dir("lora", round_id)
+    summary_path = storage.join(out, "train_summary.json")
+    if not force and storage.exists(storage.join(out, WEIGHTS_NAME)):
+        if storage.exists(summary_path):
+            return LoraSummary(**{**json.loads(storage.read_bytes(summary_path)), "reused": True})
+    if lp.method != "sft":
+        raise UserError(f"lora.method {lp.method!r} is not available yet; use 'sft'")
+    previous = ws.latest_model_dir("lora", round_id)
+    images, product_masks, prompts = load_positives(ws, round_id)
+    pipe = load_pipeline(ws.params.generate)
+    if pipe.unet.dtype != torch.float32:  # LoRA trains in float32 even on a half-precision GPU
+        pipe.unet.to(torch.float32)
+    data = encode_examples(pipe, images, product_masks, prompts, lp.batch_size)
+    data = LatentSet(
+        *(t.float() for t in (data.latents, data.masks, data.masked_latents, data.text))
+    )
+    add_lora(pipe.unet, lp, previous)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    objective = sft_objective(pipe.unet, noise_scheduler, data)
+    losses = fit_adapter(pipe.unet, objective, len(images), lp, ws.params.seed + round_id)
+    summary = LoraSummary(
+        round=round_id,
+        method=lp.method,
+        out=out,
+        examples=len(images),
+        steps=lp.steps,
+        first_loss=float(np.mean(losses[: max(1, len(losses) // 10)])),
+        last_loss=float(np.mean(losses[-max(1, len(losses) // 10) :])),
+        continued_from=previous,
+        reused=False,
+        seconds=round(time.perf_counter() - started, 2),
+    )
+    if storage.is_remote(out):
+        local = storage.temp_dir()
+        _write_adapter(pipe.unet, local, summary)
+        fs, path = storage.url_to_fs(out)
+        fs.put(local + "/", path.rstrip("/") + "/", recursive=True)
+    else:
+        with storage.atomic_local_path(out) as tmp:
+            _write_adapter(pipe.unet, str(tmp), summary)
+    return summary
+
+
+def _write_adapter(unet: UNet2DConditionModel, folder: str, summary: LoraSummary) -> None:
+    save_adapter(unet, folder)
+    doc = summary.as_dict()
+    doc.pop("reused")
+    storage.write_text(storage.join(folder, "train_summary.json"), json.dumps(doc, indent=2))
