@@ -10,7 +10,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-pytest_plugins: list[str] = ["tests.fixtures_airflow"]
+pytest_plugins: list[str] = ["tests.fixtures_airflow", "tests.fixtures_s3", "tests.fixtures_prompt"]
 
 
 @pytest.fixture(scope="session")

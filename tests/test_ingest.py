@@ -302,3 +302,31 @@ def test_cli_ingest_json_and_errors(tiny_world: Path, tmp_path: Path) -> None:
     assert "no click logs for 2020-01-01" in str(result.exception)
     result = runner.invoke(app, [*args, "--date", day, "--start", day])
     assert isinstance(result.exception, UserError)
+
+
+@pytest.mark.integration
+def test_ingest_from_and_to_s3(s3_endpoint: str, tmp_path: Path, logs: Path) -> None:
+    """Logs read through s3:// URLs (many small objects in one fs.cat), outputs written back."""
+    from tests.fixtures_s3 import S3_BUCKET
+
+    for part in range(12):
+        write_csv(partition(logs), f"part-{part:04d}.csv", good_rows(25, part * 25))
+    prefix = f"s3://{S3_BUCKET}/{tmp_path.name}"
+    fs, _ = storage.url_to_fs(prefix)
+    fs.put(f"{logs}/", f"{S3_BUCKET}/{tmp_path.name}/logs", recursive=True)
+    fs.invalidate_cache()
+    local = Workspace.open(tmp_path / "ws-local")
+    expected = ingest_date(local, DAY, logs=str(logs))
+    (tmp_path / "ws-s3").mkdir()
+    (tmp_path / "ws-s3" / "params.yaml").write_text(f"storage:\n  url: {prefix}/data-root\n")
+    remote = Workspace.open(tmp_path / "ws-s3")
+    summary = ingest_date(remote, DAY, logs=f"{prefix}/logs")
+    assert summary["rows_read"] == expected["rows_read"] == 300
+    assert summary["accepted"] == 300 and len(summary["files"]) == 12
+    assert remote.ctr_table(DAY).startswith("s3://")
+    pd.testing.assert_frame_equal(
+        storage.read_parquet(remote.ctr_table(DAY)), storage.read_parquet(local.ctr_table(DAY))
+    )
+    assert storage.exists(summary["data_docs"])
+    assert ingest_date(remote, DAY, logs=f"{prefix}/logs")["reused"] is True
+    assert "testing" not in json.dumps(summary)
