@@ -17,6 +17,8 @@ from cg4ctr_tasks.prompts.select import choose_tokens, exploration_draws
 from cg4ctr_tasks.prompts.train import eq8_loss, normalise_scores
 from cg4ctr_tasks.prompts.vocab import load_vocab
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 VALUES = {
     "user_group": ["g0", "g1"],
     "item_id": ["item-0000", "item-0001"],

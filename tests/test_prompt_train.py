@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from cg4ctr_tasks import storage
@@ -21,6 +20,7 @@ from cg4ctr_tasks.prompts.vocab import load_vocab
 from cg4ctr_tasks.sim.render import random_tokens
 from cg4ctr_tasks.workspace import Workspace
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 runner = CliRunner()
 SMALL_MODEL = """
 prompt:
@@ -33,15 +33,6 @@ prompt:
   tokens_per_prompt: 3
 """
 LIKED = {"ga": "red", "gb": "blue"}  # the planted preferences
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> object:
-    """Tiny models: a second intra-op thread only adds sync cost on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _planted_workspace(root: Path, seed: int) -> Workspace:
