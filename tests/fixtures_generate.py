@@ -1,4 +1,4 @@
-"""Fixtures for the generation and LoRA tests: a small round whose saliency masks are written
+"""Helpers for the generation and LoRA tests: a small round whose saliency masks are written
 by the test itself from the renderer's own product masks (not the world's ground truth)."""
 
 from __future__ import annotations
@@ -8,13 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from cg4ctr_tasks import storage
 from cg4ctr_tasks.sim.render import draw_product
 from cg4ctr_tasks.workspace import Workspace
 
 GROUPS = ["g0", "g1"]
+# Round 1 for 3 items x 2 groups, 2 candidates each, 4 denoising steps, parts of 2 items.
+ROUND_PARAMS = "generate:\n  candidates: 2\n  steps: 4\n  batch_size: 5\n  shard_size: 2\n"
 
 
 def write_round_inputs(root: Path, round_id: int, items: int, params_yaml: str) -> Workspace:
@@ -47,17 +48,6 @@ def write_round_inputs(root: Path, round_id: int, items: int, params_yaml: str) 
     storage.write_parquet(storage.join(saliency, "saliency.parquet"), pd.DataFrame(sal_rows))
     storage.write_text(storage.join(ws.data, "world.json"), json.dumps({"user_groups": GROUPS}))
     return ws
-
-
-@pytest.fixture()
-def round_inputs(tmp_path: Path) -> Workspace:
-    """Round 1 inputs for 3 items x 2 groups, 2 candidates each, 4 denoising steps."""
-    return write_round_inputs(
-        tmp_path / "ws",
-        1,
-        3,
-        "generate:\n  candidates: 2\n  steps: 4\n  batch_size: 5\n  shard_size: 2\n",
-    )
 
 
 def write_positives(ws: Workspace, round_id: int, count: int) -> None:
