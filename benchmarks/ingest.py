@@ -88,17 +88,15 @@ def run_baseline(folder: Path) -> dict[str, float]:
 
 
 def run_stage(folder: Path) -> dict[str, float]:
-    from cg4ctr_tasks.workspace import Workspace
-
-    started = time.perf_counter()
-    from cg4ctr_tasks.contracts import Validation
-
-    Validation()  # GE import + ephemeral context: once per process
-    startup = time.perf_counter() - started
     from cg4ctr_tasks.ingest import ingest_date
+    from cg4ctr_tasks.workspace import Workspace
 
     root = Path(tempfile.mkdtemp(prefix="cg4ctr-bench-ws-"))
     ws = Workspace.open(root)
+    started = time.perf_counter()
+    generate(root / "warm-up", 100, 1, "csv", 0.0, 1)  # GE import, context and suites: once
+    ingest_date(ws, DAY, logs=str(root / "warm-up"))  # per process, timed separately
+    startup = time.perf_counter() - started
     started = time.perf_counter()
     summary = ingest_date(ws, DAY, logs=str(folder), force=True)
     return {
@@ -164,7 +162,7 @@ def main() -> None:
         f"peak RSS {stage['peak_rss_mb']:.0f} MB  (accepted {stage['accepted']:,}, "
         f"quarantined {stage['quarantined']:,}, {stage['ge_validations']} GE validations)"
     )
-    print(f"GE import + context   : {stage['ge_startup_seconds']:7.2f} s once per process")
+    print(f"GE start-up (warm-up) : {stage['ge_startup_seconds']:7.2f} s once per process")
     print(
         f"speed ratio stage/bare: {baseline['seconds'] / stage['seconds']:.2f} "
         f"(target >= 0.5); including GE start-up: "

@@ -206,10 +206,11 @@ def _as_text(column: pa.ChunkedArray) -> pa.ChunkedArray:
 
 
 def _normalise(table: pa.Table) -> pa.Table:
+    """LOG_COLUMNS only, ids and dates as one dictionary per column (checked per value)."""
     arrays = [
         _as_text(table.column(n)) if n in STRING_COLUMNS else table.column(n) for n in LOG_COLUMNS
     ]
-    return pa.table(arrays, names=list(LOG_COLUMNS))
+    return pa.table(arrays, names=list(LOG_COLUMNS)).unify_dictionaries().combine_chunks()
 
 
 def _csv_options(
