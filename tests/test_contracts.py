@@ -49,9 +49,8 @@ def test_vectorised_id_check_agrees_with_storage_safe_id() -> None:
 
 
 def log_table(rows: list[tuple[object, ...]]) -> pa.Table:
-    columns = list(zip(*rows, strict=True))
     arrays = []
-    for name, values in zip(LOG_COLUMNS, columns, strict=True):
+    for values in zip(*rows, strict=True):
         array = pa.array(values)
         arrays.append(array.dictionary_encode() if pa.types.is_string(array.type) else array)
     return pa.table(arrays, names=list(LOG_COLUMNS))
