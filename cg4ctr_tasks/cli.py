@@ -359,6 +359,81 @@ def report_cmd(workspace: WorkspaceOpt = Path("."), as_json: JsonOpt = False) ->
     _emit(write_report(_open(workspace)).as_dict(), as_json, "report")
 
 
+ShardOpt = Annotated[
+    str | None, typer.Option("--shard", help="i/n: this worker's share of the parts (0-based).")
+]
+
+
+@app.command("saliency")
+def saliency_cmd(
+    round_id: RoundOpt,
+    workspace: WorkspaceOpt = Path("."),
+    shard: ShardOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Product masks + masked products per item -> rounds/round-NNN/saliency/."""
+    from cg4ctr_tasks.saliency import run_saliency
+    from cg4ctr_tasks.shards import Shard
+
+    summary = run_saliency(_open(workspace), round_id, Shard.parse(shard), force)
+    _emit(summary.as_dict(), as_json, "saliency")
+
+
+@app.command("caption")
+def caption_cmd(
+    round_id: Annotated[
+        int | None, typer.Option("--round", help="Caption the round's candidates.", min=0, max=999)
+    ] = None,
+    creatives: Annotated[
+        bool, typer.Option("--creatives", help="Caption data/creatives.parquet (bootstrap).")
+    ] = False,
+    workspace: WorkspaceOpt = Path("."),
+    shard: ShardOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """CLIP-interrogator captions (vocab tokens) -> captions.parquet."""
+    from cg4ctr_tasks.caption import caption_creatives, caption_round
+    from cg4ctr_tasks.shards import Shard
+
+    if creatives == (round_id is not None):
+        raise UserError("caption needs exactly one of --creatives and --round N")
+    ws = _open(workspace)
+    if round_id is None:
+        summary = caption_creatives(ws, Shard.parse(shard), force)
+    else:
+        summary = caption_round(ws, round_id, Shard.parse(shard), force)
+    _emit(summary.as_dict(), as_json, "captions")
+
+
+@sim_app.command("train-clip")
+def sim_train_clip(
+    workspace: WorkspaceOpt = Path("."),
+    seed: Annotated[int | None, typer.Option(help="Training seed (default: params seed).")] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Optimiser steps (default: caption.train.steps).", min=1)
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Output folder (default: the packaged asset assets/sim-clip)."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train the world's small CLIP on rendered backgrounds (the captioner; sim text encoder)."""
+    import shlex
+
+    from cg4ctr_tasks.assets import asset_path
+    from cg4ctr_tasks.sim.train_clip import ASSET_NAME, train_clip
+
+    ws = _open(workspace)
+    command = shlex.join(["cg4ctr", *sys.argv[1:]])
+    target = out if out is not None else asset_path(ASSET_NAME)
+    chosen_seed = seed if seed is not None else ws.params.seed
+    summary = train_clip(ws.params, target, chosen_seed, command, steps)
+    _emit(summary.as_dict(), as_json, f"sim CLIP in {target}")
+
+
 def main() -> None:
     try:
         app()

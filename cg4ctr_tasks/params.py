@@ -55,6 +55,10 @@ class SaliencyParams(_Strict):
     backend: Literal["classical", "isnet"]
     isnet_checkpoint: str | None
     isnet_input_size: int = Field(ge=32)
+    classical_threshold: float = Field(gt=0.0)
+    classical_border: int = Field(ge=1)
+    classical_opening: int = Field(ge=0)
+    classical_min_area: float = Field(ge=0.0, lt=1.0)
     shard_size: int = Field(ge=1)
 
 
