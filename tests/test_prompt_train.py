@@ -69,6 +69,7 @@ def _planted_workspace(root: Path, seed: int) -> Workspace:
     return ws
 
 
+@pytest.mark.slow
 def test_planted_preferences_are_learned_and_selected(tmp_path: Path) -> None:
     hits = total = 0
     for seed in range(4):
