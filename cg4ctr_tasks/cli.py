@@ -143,6 +143,37 @@ def ingest_cmd(
     _emit(ingest(ws, first, end or first, logs, force), as_json, f"ingest {first}..{end or first}")
 
 
+@app.command("import-logs")
+def import_logs_cmd(
+    source: Annotated[str, typer.Option(help="The public data file (TSV or JSON).")],
+    kind: Annotated[str, typer.Option("--format", help="tianchi | cg4ctr-json")] = "tianchi",
+    images: Annotated[str | None, typer.Option(help="tianchi: the image folder.")] = None,
+    start_date: Annotated[
+        str, typer.Option(help="tianchi: the date of the smallest day number in ds.")
+    ] = "2020-01-01",
+    date: Annotated[str | None, typer.Option("--date", help="cg4ctr-json: its date.")] = None,
+    out: Annotated[str | None, typer.Option(help="Log root (default data/raw/logs).")] = None,
+    force: Annotated[bool, typer.Option(help="Replace existing items/creatives.")] = False,
+    workspace: WorkspaceOpt = Path("."),
+    as_json: JsonOpt = False,
+) -> None:
+    """Convert a public click-log data set into raw log partitions for `cg4ctr ingest`."""
+    from cg4ctr_tasks import adapters
+
+    ws = _open(workspace)
+    if kind == "tianchi":
+        if images is None:
+            raise UserError("--format tianchi needs --images FOLDER")
+        figures = adapters.import_tianchi(ws, source, images, start_date, out, force)
+    elif kind == "cg4ctr-json":
+        if date is None:
+            raise UserError("--format cg4ctr-json needs --date YYYY-MM-DD")
+        figures = adapters.import_cg4ctr_json(ws, source, date, out)
+    else:
+        raise UserError(f"unknown --format {kind!r} (tianchi | cg4ctr-json)")
+    _emit(figures, as_json, f"imported {source}")
+
+
 @app.command("demo")
 def demo(
     workspace: WorkspaceOpt = Path("workspace"),
