@@ -18,7 +18,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -29,9 +29,6 @@ from cg4ctr_tasks.errors import RejectedInput, UserError
 from cg4ctr_tasks.params import GenerateParams
 from cg4ctr_tasks.shards import Shard, run_parts
 from cg4ctr_tasks.workspace import Workspace, round_name
-
-if TYPE_CHECKING:
-    from diffusers import StableDiffusionInpaintPipeline
 
 CANDIDATE_COLUMNS = [
     "round",
@@ -90,7 +87,7 @@ def local_dir(url: str) -> str:
 
 def load_pipeline(
     gp: GenerateParams, device: str | None = None, lora_dir: str | None = None
-) -> StableDiffusionInpaintPipeline:
+) -> Any:
     """The base inpainting pipeline (path, hub id or "sim"), the params' scheduler, the LoRA.
 
     On CUDA: half precision per ``generate.dtype``, channels-last UNet/VAE; attention runs on
@@ -122,7 +119,7 @@ def load_pipeline(
 
 
 def inpaint_batch(
-    pipe: StableDiffusionInpaintPipeline,
+    pipe: Any,
     sources: Sequence[np.ndarray],
     product_masks: Sequence[np.ndarray],
     prompts: Sequence[str],
@@ -297,8 +294,8 @@ def generate_round(
         state["reused"] += len(part) - len(todo)
         for batch in _batches(todo, sizes, gp.batch_size):
             if state["pipe"] is None:
-                state["pipe"] = load_pipeline(gp, lora_dir=lora_dir)
-                state["device"] = str(state["pipe"].device)
+                pipe = load_pipeline(gp, lora_dir=lora_dir)
+                state.update(pipe=pipe, device=str(pipe.device))
             images = inpaint_batch(
                 state["pipe"],
                 [sources[i][0] for i in batch["item_id"]],

@@ -18,7 +18,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,7 +35,6 @@ from cg4ctr_tasks.workspace import Workspace
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
 
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -61,7 +60,7 @@ class LoraSummary:
         return dict(self.__dict__)
 
 
-def add_lora(unet: UNet2DConditionModel, lp: LoraParams, previous: str | None = None) -> None:
+def add_lora(unet: Any, lp: LoraParams, previous: str | None = None) -> None:
     """Freeze the UNet and attach a trainable LoRA (fresh, or the previous round's adapter)."""
     from peft import LoraConfig
 
@@ -69,7 +68,7 @@ def add_lora(unet: UNet2DConditionModel, lp: LoraParams, previous: str | None = 
     if previous is None:
         config = LoraConfig(
             r=lp.rank,
-            lora_alpha=lp.alpha,
+            lora_alpha=lp.alpha,  # type: ignore[arg-type]  # peft accepts a float scale
             init_lora_weights="gaussian",
             target_modules=TARGET_MODULES,
         )
@@ -83,9 +82,7 @@ def add_lora(unet: UNet2DConditionModel, lp: LoraParams, previous: str | None = 
             param.requires_grad_(True)
 
 
-def sft_objective(
-    unet: UNet2DConditionModel, noise_scheduler: object, data: LatentSet
-) -> Objective:
+def sft_objective(unet: Any, noise_scheduler: object, data: LatentSet) -> Objective:
     """Eq 3/4 on the examples (top-k positives G): the inpainting noise-prediction MSE."""
 
     def loss(idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -103,7 +100,7 @@ def sft_objective(
 
 
 def fit_adapter(
-    unet: UNet2DConditionModel,
+    unet: Any,
     objective: Objective,
     examples: int,
     lp: LoraParams,
@@ -131,7 +128,7 @@ def fit_adapter(
     return losses
 
 
-def save_adapter(unet: UNet2DConditionModel, folder: str) -> None:
+def save_adapter(unet: Any, folder: str) -> None:
     """The diffusers LoRA file (peft keys, ``unet.`` prefix) + its adapter config metadata."""
     from diffusers import StableDiffusionInpaintPipeline
     from peft.utils import get_peft_model_state_dict
@@ -184,7 +181,7 @@ def load_positives(ws: Workspace, round_id: int) -> tuple[np.ndarray, np.ndarray
 
 
 def encode_examples(
-    pipe: StableDiffusionInpaintPipeline,
+    pipe: Any,
     images: np.ndarray,
     product_masks: np.ndarray,
     prompts: list[str],
@@ -246,7 +243,7 @@ def train_lora(ws: Workspace, round_id: int, force: bool = False) -> LoraSummary
     return summary
 
 
-def _write_adapter(unet: UNet2DConditionModel, folder: str, summary: LoraSummary) -> None:
+def _write_adapter(unet: Any, folder: str, summary: LoraSummary) -> None:
     save_adapter(unet, folder)
     doc = summary.as_dict()
     doc.pop("reused")

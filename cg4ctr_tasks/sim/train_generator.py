@@ -39,7 +39,6 @@ from cg4ctr_tasks.sim.render import (
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import AutoencoderKL, StableDiffusionInpaintPipeline, UNet2DConditionModel
 
 ASSET_NAME = "sim-inpaint"
 LATENT_CHANNELS = 4
@@ -87,7 +86,7 @@ def render_training_set(vocab: Vocab, size: int, count: int, seed: int) -> Rende
     return RenderedSet(images=images, masks=masks, prompts=prompts)
 
 
-def build_vae(size: int) -> AutoencoderKL:
+def build_vae(size: int) -> Any:
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -103,7 +102,7 @@ def build_vae(size: int) -> AutoencoderKL:
     )
 
 
-def build_unet(latent_size: int, cross_attention_dim: int) -> UNet2DConditionModel:
+def build_unet(latent_size: int, cross_attention_dim: int) -> Any:
     """SD-inpainting layout at toy scale: 9 input channels, cross-attention to the text tower."""
     from diffusers import UNet2DConditionModel
 
@@ -159,7 +158,7 @@ def inpaint_inputs(
 
 
 def train_vae(
-    vae: AutoencoderKL,
+    vae: Any,
     images: np.ndarray,
     steps: int,
     batch_size: int,
@@ -209,7 +208,7 @@ class LatentSet:
     text: torch.Tensor  # text-tower hidden states per sample
 
 
-def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
+def encode_latents(vae: Any, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Scaled latent means (deterministic) of pixels in [-1, 1], in batches."""
     import torch
 
@@ -238,7 +237,7 @@ def encode_prompts(text_encoder: Any, tokenizer: Any, prompts: list[str]) -> tor
 
 
 def encode_inpaint_set(
-    vae: AutoencoderKL,
+    vae: Any,
     text_encoder: Any,
     tokenizer: Any,
     images: np.ndarray,
@@ -260,7 +259,7 @@ def encode_inpaint_set(
 
 
 def inpainting_loss(
-    unet: UNet2DConditionModel,
+    unet: Any,
     noise_scheduler: Any,
     latents: torch.Tensor,
     masks: torch.Tensor,
@@ -311,7 +310,7 @@ def load_text_tower(reference: str) -> tuple[Any, Any]:
 
 
 def train_unet(
-    unet: UNet2DConditionModel,
+    unet: Any,
     data: LatentSet,
     uncond_text: torch.Tensor,
     tp: Any,
@@ -368,7 +367,7 @@ def nearest_colour(rgb: np.ndarray) -> str:
 
 
 def colour_steering_rate(
-    pipe: StableDiffusionInpaintPipeline,
+    pipe: Any,
     size: int,
     per_colour: int,
     steps: int,
@@ -468,7 +467,7 @@ def train_generator(
     unet = build_unet(size // 2 ** (len(VAE_BLOCKS) - 1), text_encoder.config.hidden_size)
     unet_loss = train_unet(unet, latents, uncond, tp, params.seed)
 
-    pipe = StableDiffusionInpaintPipeline(
+    pipe: Any = StableDiffusionInpaintPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
