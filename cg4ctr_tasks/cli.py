@@ -465,6 +465,58 @@ def sim_train_clip(
     _emit(summary.as_dict(), as_json, f"sim CLIP in {target}")
 
 
+@sim_app.command("train-generator")
+def sim_train_generator(
+    workspace: WorkspaceOpt = Path("."),
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Output folder (default: the packaged asset assets/sim-inpaint)."),
+    ] = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train the world's small SD-style inpainting model on rendered backgrounds."""
+    import shlex
+
+    from cg4ctr_tasks.assets import asset_path
+    from cg4ctr_tasks.sim.train_generator import ASSET_NAME, train_generator
+
+    ws = _open(workspace)
+    target = out if out is not None else asset_path(ASSET_NAME)
+    command = shlex.join(["cg4ctr", *sys.argv[1:]])
+    summary = train_generator(ws.params, target, command, force)
+    _emit(summary.as_dict(), as_json, f"sim inpainting model in {target}")
+
+
+@app.command("generate")
+def generate_cmd(
+    round_id: RoundOpt,
+    workspace: WorkspaceOpt = Path("."),
+    shard: ShardOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Inpaint q candidates per item and user group -> rounds/round-NNN/candidates.parquet."""
+    from cg4ctr_tasks.generate import generate_round
+    from cg4ctr_tasks.shards import Shard
+
+    summary = generate_round(_open(workspace), round_id, Shard.parse(shard), force)
+    _emit(summary.as_dict(), as_json, "generate")
+
+
+@app.command("train-lora")
+def train_lora_cmd(
+    round_id: RoundOpt,
+    workspace: WorkspaceOpt = Path("."),
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Odd rounds: LoRA on the round's kept candidates (Eq 3/4) -> models/lora/round-NNN/."""
+    from cg4ctr_tasks.train_lora import train_lora
+
+    summary = train_lora(_open(workspace), round_id, force)
+    _emit(summary.as_dict(), as_json, "train-lora")
+
 def main() -> None:
     try:
         app()
