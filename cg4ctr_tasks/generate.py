@@ -75,6 +75,14 @@ def candidate_seed(base_seed: int, round_id: int, item_id: str, group: str, inde
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") >> 1
 
 
+def make_candidate_id(item_id: str, round_id: int, group: str, index: int) -> str:
+    """Readable ``<item>-rNNN-<group>-qII``; a long item id is replaced by its hash to fit."""
+    suffix = f"-r{round_id:03d}-{group}-q{index:02d}"
+    if len(item_id) + len(suffix) > 128:
+        item_id = hashlib.sha256(item_id.encode()).hexdigest()[:32]
+    return storage.safe_id(item_id + suffix, "candidate_id")
+
+
 def local_dir(url: str) -> str:
     """``from_pretrained`` needs a local folder: copy an object-store folder to a temp dir."""
     if not storage.is_remote(url):
@@ -210,9 +218,7 @@ def plan_candidates(ws: Workspace, round_id: int) -> tuple[pd.DataFrame, list[di
         for group in groups:
             prompt = selected.get((item_id, group), default)
             for index in range(gp.candidates):
-                candidate_id = storage.safe_id(
-                    f"{item_id}-r{round_id:03d}-{group}-q{index:02d}", "candidate_id"
-                )
+                candidate_id = make_candidate_id(item_id, round_id, group, index)
                 rows.append(
                     {
                         "round": round_id,

@@ -17,6 +17,7 @@ from cg4ctr_tasks.generate import (
     candidate_seed,
     generate_round,
     load_pipeline,
+    make_candidate_id,
     plan_candidates,
 )
 from cg4ctr_tasks.params import load_params
@@ -88,6 +89,12 @@ def test_sharded_generation_pastes_products_back_and_resumes(round_inputs: Works
     assert redo.generated == 1 and redo.reused == 11  # ... and images inside a part
     # Same noise; only float rounding differs between batch shapes (at most a level or two).
     assert np.abs(_read(ws, victim["image_uri"]).astype(int) - before).max() <= 2
+
+
+def test_candidate_ids_are_safe_for_long_item_ids() -> None:
+    assert make_candidate_id("item-1", 3, "g0", 7) == "item-1-r003-g0-q07"
+    long_id = make_candidate_id("x" * 128, 3, "g0", 7)
+    assert len(long_id) <= 128 and long_id.endswith("-r003-g0-q07")
 
 
 def test_selected_prompts_replace_the_default(round_inputs: Workspace) -> None:
