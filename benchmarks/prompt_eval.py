@@ -11,7 +11,8 @@
    non-click a negative) of the prompt model vs a logistic regression on the same features
    (one-hot user group, item, category + multi-hot tokens; scikit-learn).
 4. Selection (``select_prompts`` with the params' exploration, and pure greedy) vs random token
-   sets (the renderer's ``random_tokens``, and uniform draws under the same kind caps): renders
+   sets (the renderer's ``random_tokens``, and uniform draws under the same kind caps), and
+   greedy blind to the user group (the unseen-group bucket: the paper's Table 3 ablation); renders
    ``--renders`` backgrounds per (item, group, condition), composes them with the product, and
    asks the oracle for the true CTR per user group (evaluation only).
 
@@ -187,15 +188,17 @@ def evaluate(root: Path, seed: int, creatives: int, days: int, renders: int) -> 
     vocab, params = load_vocab(ws.params.vocab), ws.params.prompt
     size = params.tokens_per_prompt
 
-    def draw(rate: float) -> list[list[str]]:
-        flags, draws = exploration_draws(seed, 1, queries, size, rate)
+    def draw(rate: float, frame: pd.DataFrame = queries) -> list[list[str]]:
+        flags, draws = exploration_draws(seed, 1, frame, size, rate)
         caps = params.max_per_kind
-        return choose_tokens(model, queries, vocab, size, caps, flags, draws, 2048).tokens
+        return choose_tokens(model, frame, vocab, size, caps, flags, draws, 2048).tokens
 
     rng = np.random.default_rng([seed, 10])
     prompts = {
         "selected": selected,
         "greedy": queries.assign(tokens=draw(0.0)),
+        # Table 3 analogue: the same greedy selection blind to the user (unseen-group bucket).
+        "greedy_no_user": queries.assign(tokens=draw(0.0, queries.assign(user_group="-"))),
         "random_capped": queries.assign(tokens=draw(1.0)),
         "random_renderer": queries.assign(
             tokens=[random_tokens(vocab, rng) for _ in range(len(queries))]
@@ -225,6 +228,9 @@ def evaluate(root: Path, seed: int, creatives: int, days: int, renders: int) -> 
         "uplift_greedy_vs_random_capped": round(
             float(overall["greedy"] / overall["random_capped"] - 1), 4
         ),
+        "uplift_greedy_no_user_vs_random_capped": round(
+            float(overall["greedy_no_user"] / overall["random_capped"] - 1), 4
+        ),
         "seconds": round(time.perf_counter() - started, 1),
     }
 
@@ -246,7 +252,13 @@ def main() -> None:
         print(json.dumps(result, indent=2), flush=True)
         results.append(result)
     if len(results) > 1:
-        keys = ["auc_prompt_model", "auc_logistic_regression", "uplift_selected_vs_random_renderer"]
+        keys = [
+            "auc_prompt_model",
+            "auc_logistic_regression",
+            "uplift_selected_vs_random_renderer",
+            "uplift_greedy_vs_random_capped",
+            "uplift_greedy_no_user_vs_random_capped",
+        ]
         means = {k: round(float(np.mean([r[k] for r in results])), 4) for k in keys}
         print(json.dumps({"mean_over_seeds": means}, indent=2))
 

@@ -229,6 +229,8 @@ def train_prompt(ws: Workspace, round_id: int | None, force: bool = False) -> Tr
         return TrainSummary(mode, target_round, target, init_from, 0, 0, 0, 0.0, 0.0, 0.0, True)
     started = time.perf_counter()
     params = ws.params.prompt
+    seed = ws.params.seed * 1000 + target_round
+    torch.manual_seed(seed)  # the fresh model's initial weights too: same inputs, same model
     if round_id is None:
         rows, dropped = bootstrap_rows(ws)
         model, lambda_p = new_model(ws), 0.0  # soft = hard = CTR: plain impression-weighted CE
@@ -239,7 +241,7 @@ def train_prompt(ws: Workspace, round_id: int | None, force: bool = False) -> Tr
             )
         rows, dropped = round_rows(ws, round_id, params.round_tokens)
         model, lambda_p = PromptModel.from_pretrained(init_from), params.lambda_p
-    result = fit(model, rows, params, lambda_p, seed=ws.params.seed * 1000 + target_round)
+    result = fit(model, rows, params, lambda_p, seed)
     model.save_pretrained(target)
     return TrainSummary(
         mode=mode,
