@@ -235,7 +235,9 @@ def _csv_options(
 
 def _arrow_problem(exc: Exception, file: LogFile) -> FileProblem:
     text = str(exc)
-    if "UTF8" in text or "UTF-8" in text:
+    # pyarrow cannot hand a non-UTF-8 malformed line to the row handler: it fails the parse,
+    # quoting the line with U+FFFD replacement characters
+    if "UTF8" in text or "UTF-8" in text or "\ufffd" in text:
         return FileProblem(f"{file.name}: not valid UTF-8 ({text.splitlines()[0][:120]})")
     return FileProblem(
         f"{file.name}: cannot be parsed as {file.format} ({text.splitlines()[0][:160]})"
@@ -273,9 +275,10 @@ def _stream_csv(
             reader = pa_csv.open_csv(handle, read, parse, convert)
             for record_batch in reader:
                 table = _normalise(pa.Table.from_batches([record_batch]))
-                yield Batch(file, table, list(malformed), first_row)
+                seen = len(malformed)  # the reader may parse ahead: take only what is there
+                yield Batch(file, table, malformed[:seen], first_row)
+                del malformed[:seen]
                 first_row += table.num_rows
-                malformed.clear()
         except pa.ArrowInvalid as exc:
             raise _arrow_problem(exc, file) from None
         except (EOFError, OSError, zlib.error) as exc:
@@ -327,6 +330,11 @@ def _parse_bytes(data: bytes, file: LogFile, report: FileReport) -> Iterator[Bat
     if not data.strip():
         report.status = "empty"
         return
+    if file.format != "parquet" and not data.isascii():  # names the byte; pyarrow may not
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise FileProblem(f"{file.name}: not valid UTF-8 (byte {exc.start})") from None
     if file.format == "csv":
         yield from _parse_csv(data, file, report)
     elif file.format == "jsonl":
@@ -514,18 +522,14 @@ class Aggregator:
         pair = codes >> 16
         pair_codes = np.asarray(self.pairs.index.to_numpy(), dtype=np.int64)
         names = {k: np.asarray(v.index.to_numpy(), dtype=object) for k, v in self.vocab.items()}
-        item_of_pair = names["item_id"][pair_codes >> 32] if len(pair_codes) else pair_codes
-        creative_of_pair = (
-            names["creative_id"][pair_codes & 0xFFFFFFFF] if len(pair_codes) else pair_codes
-        )
+        item_of_pair = names["item_id"].take(pair_codes >> 32)
+        creative_of_pair = names["creative_id"].take(pair_codes & 0xFFFFFFFF)
         impressions, clicks = self.impressions[:size], self.clicks[:size]
         ctr = pa.table(
             {
-                "item_id": pa.array(item_of_pair[pair] if size else [], pa.string()),
-                "creative_id": pa.array(creative_of_pair[pair] if size else [], pa.string()),
-                "user_group": pa.array(
-                    names["user_group"][codes & 0xFFFF] if size else [], pa.string()
-                ),
+                "item_id": pa.array(item_of_pair.take(pair), pa.string()),
+                "creative_id": pa.array(creative_of_pair.take(pair), pa.string()),
+                "user_group": pa.array(names["user_group"].take(codes & 0xFFFF), pa.string()),
                 "impressions": pa.array(impressions, pa.int64()),
                 "clicks": pa.array(clicks, pa.int64()),
             }
@@ -636,15 +640,20 @@ class _Run:
         self.problems: list[str] = []
         self.rows_read = 0
 
-    def problem(self, file: LogFile, message: str, data: bytes | None) -> None:
+    def problem(self, fs: Any, file: LogFile, message: str, data: bytes | None) -> None:
+        """Keep a copy of an unreadable file (streamed ones are copied from the source)."""
         self.problems.append(message)
         folder = self.stage / "files"
         folder.mkdir(exist_ok=True)
         target = folder / _safe_file_name(len(self.problems), file.name)
         if data is not None:
             target.write_bytes(data)
-        else:
-            target.with_suffix(target.suffix + ".error.txt").write_text(message, "utf-8")
+            return
+        try:
+            fs.get(file.path, str(target))
+        except OSError as exc:
+            note = f"{message}\ncopy failed: {exc}\n"
+            target.with_name(target.name + ".error.txt").write_text(note, "utf-8")
 
     def consume(self, batch: Batch, report: FileReport) -> None:
         checked = check_rows(batch.table, self.day)
@@ -711,7 +720,7 @@ def ingest_date(
         def on_problem(file: LogFile, message: str, data: bytes | None) -> None:
             reports[file.name].status = "unreadable"
             reports[file.name].error = message
-            run.problem(file, message, data)
+            run.problem(fs, file, message, data)
 
         for batch in read_batches(fs, files, params, reports, on_problem):
             run.consume(batch, reports[batch.file.name])
