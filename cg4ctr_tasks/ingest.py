@@ -206,23 +206,21 @@ def _as_text(column: pa.ChunkedArray) -> pa.ChunkedArray:
 
 
 def _normalise(table: pa.Table) -> pa.Table:
-    """LOG_COLUMNS only, ids and dates as one dictionary per column (checked per value)."""
+    """LOG_COLUMNS only, ids and dates dictionary-encoded (checked once per distinct value)."""
     arrays = [
         _as_text(table.column(n)) if n in STRING_COLUMNS else table.column(n) for n in LOG_COLUMNS
     ]
-    return pa.table(arrays, names=list(LOG_COLUMNS)).unify_dictionaries().combine_chunks()
+    return pa.table(arrays, names=list(LOG_COLUMNS))
 
 
-def _csv_options(
-    text_counts: bool, malformed: list[str], block: int | None = None
-) -> tuple[Any, Any, Any]:
+def _csv_options(text_counts: bool, malformed: list[str], block: int) -> tuple[Any, Any, Any]:
     def on_invalid(row: Any) -> str:
         malformed.append(str(row.text))
         return "skip"
 
     types = {name: _DICT for name in STRING_COLUMNS}
     types.update({name: pa.string() if text_counts else pa.int64() for name in INTEGER_COLUMNS})
-    read = pa_csv.ReadOptions(block_size=block) if block else pa_csv.ReadOptions()
+    read = pa_csv.ReadOptions(block_size=block)
     parse = pa_csv.ParseOptions(invalid_row_handler=on_invalid)
     convert = pa_csv.ConvertOptions(
         column_types=types,
@@ -244,12 +242,12 @@ def _arrow_problem(exc: Exception, file: LogFile) -> FileProblem:
     )
 
 
-def _parse_csv(data: bytes, file: LogFile, report: FileReport) -> Iterator[Batch]:
+def _parse_csv(data: bytes, file: LogFile, report: FileReport, block: int) -> Iterator[Batch]:
     end = data.find(b"\n")
     _check_columns(_header(data if end < 0 else data[:end], file), file, report)
     for text_counts in (False, True):
         malformed: list[str] = []
-        read, parse, convert = _csv_options(text_counts, malformed)
+        read, parse, convert = _csv_options(text_counts, malformed, block)
         try:
             table = pa_csv.read_csv(io.BytesIO(data), read, parse, convert)
         except pa.ArrowInvalid as exc:
@@ -321,7 +319,7 @@ def _open(fs: Any, file: LogFile) -> Any:
     return gzip.GzipFile(fileobj=handle) if file.gzip else handle
 
 
-def _parse_bytes(data: bytes, file: LogFile, report: FileReport) -> Iterator[Batch]:
+def _parse_bytes(data: bytes, file: LogFile, report: FileReport, block: int) -> Iterator[Batch]:
     if file.gzip:
         try:
             data = gzip.decompress(data)
@@ -336,7 +334,8 @@ def _parse_bytes(data: bytes, file: LogFile, report: FileReport) -> Iterator[Bat
         except UnicodeDecodeError as exc:
             raise FileProblem(f"{file.name}: not valid UTF-8 (byte {exc.start})") from None
     if file.format == "csv":
-        yield from _parse_csv(data, file, report)
+        # a few large blocks: few chunks (dictionaries) yet parsed on several threads
+        yield from _parse_csv(data, file, report, max(1 << 20, min(block, len(data) // 2 + 1)))
     elif file.format == "jsonl":
         yield from _parse_jsonl(data, file, report)
     else:
@@ -401,7 +400,7 @@ def read_batches(
                 on_problem(file, f"{file.name}: could not be fetched ({data!r})", None)
                 continue
             try:
-                yield from _parse_bytes(data, file, reports[file.name])
+                yield from _parse_bytes(data, file, reports[file.name], params.stream_block_bytes)
             except FileProblem as exc:
                 on_problem(file, str(exc), data)
 
@@ -415,12 +414,17 @@ class _Interner:
     def __init__(self, values: pd.Index) -> None:
         self.index = values
 
-    def ids(self, values: np.ndarray) -> np.ndarray:
+    def ids(self, values: np.ndarray, distinct: bool = False) -> np.ndarray:
+        """Ids of ``values``; repeated values are looked up once (``distinct``: none repeat)."""
+        if not distinct:
+            unique, inverse = np.unique(values, return_inverse=True)
+            return self.ids(unique, distinct=True)[inverse]
         found = np.asarray(self.index.get_indexer(pd.Index(values)), dtype=np.int64)
         new = found < 0
         if new.any():
-            self.index = self.index.append(pd.Index(pd.unique(values[new])))
-            found[new] = self.index.get_indexer(pd.Index(values[new]))
+            start = len(self.index)
+            self.index = self.index.append(pd.Index(values[new]))
+            found[new] = np.arange(start, len(self.index))
         return found
 
 
@@ -432,9 +436,11 @@ class _SeenKeys:
 
     def contains(self, keys: np.ndarray) -> np.ndarray:
         hit = np.zeros(len(keys), dtype=bool)
+        order = np.argsort(keys)  # sorted queries walk each run in order: cache-friendly
+        queries = keys[order]
         for run in self.runs:
-            position = np.minimum(np.searchsorted(run, keys), len(run) - 1)
-            hit |= run[position] == keys
+            position = np.minimum(np.searchsorted(run, queries), len(run) - 1)
+            hit[order] |= run[position] == queries
         return hit
 
     def add(self, keys: np.ndarray) -> None:
@@ -468,7 +474,8 @@ class Aggregator:
         parts = []
         for chunk in column.chunks:
             values = chunk.dictionary.to_numpy(zero_copy_only=False)
-            ids = self.vocab[name].ids(values) if len(values) else np.zeros(1, np.int64)
+            vocab = self.vocab[name]
+            ids = vocab.ids(values, distinct=True) if len(values) else np.zeros(1, np.int64)
             parts.append(ids[chunk.indices.fill_null(0).to_numpy(zero_copy_only=False)])
         out = np.concatenate(parts)[rows] if parts else np.zeros(0, np.int64)
         self._bound(len(self.vocab[name].index), name)
