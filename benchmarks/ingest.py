@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -123,6 +124,10 @@ def child(side: str, folder: Path) -> dict[str, float]:
     return result
 
 
+def _median_run(runs: list[dict[str, float]]) -> dict[str, float]:
+    return sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=5_000_000)
@@ -130,6 +135,7 @@ def main() -> None:
     parser.add_argument("--format", choices=("csv", "parquet"), default="csv")
     parser.add_argument("--bad-fraction", type=float, default=0.001)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs per side")
     parser.add_argument("--dir", type=Path, default=None, help="reuse/generate data here")
     parser.add_argument("--child", choices=("baseline", "stage"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -148,13 +154,17 @@ def main() -> None:
             f"({sum(p.stat().st_size for p in folder.rglob('*.*')) / 1e6:.0f} MB) "
             f"in {time.perf_counter() - started:.1f} s under {folder}"
         )
-    baseline = child("baseline", folder)
-    stage = child("stage", folder)
+    pairs = []
+    for _ in range(args.repeats):  # alternate the sides: a busy machine slows both alike
+        pairs.append((child("baseline", folder), child("stage", folder)))
+    ratios = [b["seconds"] / s["seconds"] for b, s in pairs]
+    baseline = _median_run([b for b, _ in pairs])
+    stage = _median_run([s for _, s in pairs])
     rows = stage["rows"]
     print(
         f"bare pyarrow group-by : {baseline['seconds']:7.2f} s  "
         f"{baseline['rows'] / baseline['seconds']:12,.0f} rows/s  "
-        f"peak RSS {baseline['peak_rss_mb']:.0f} MB"
+        f"peak RSS {baseline['peak_rss_mb']:.0f} MB  (median of {args.repeats})"
     )
     print(
         f"ingest stage          : {stage['seconds']:7.2f} s  "
@@ -164,8 +174,8 @@ def main() -> None:
     )
     print(f"GE start-up (warm-up) : {stage['ge_startup_seconds']:7.2f} s once per process")
     print(
-        f"speed ratio stage/bare: {baseline['seconds'] / stage['seconds']:.2f} "
-        f"(target >= 0.5); including GE start-up: "
+        f"speed ratio stage/bare: {statistics.median(ratios):.2f} median of "
+        f"{', '.join(f'{r:.2f}' for r in ratios)} (target >= 0.5); including GE start-up: "
         f"{baseline['seconds'] / (stage['seconds'] + stage['ge_startup_seconds']):.2f}"
     )
     if stage["groups"] != baseline["groups"]:
