@@ -41,7 +41,7 @@ def load_clip(value: str) -> tuple[CLIPModel, CLIPProcessor]:
     source = resolve_pretrained(value, ASSET_NAME)
     try:
         return CLIPModel.from_pretrained(source), CLIPProcessor.from_pretrained(source)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # a missing folder reads as an invalid hub id
         hint = " (run `cg4ctr sim train-clip`)" if value == "sim" else ""
         raise UserError(f"cannot load CLIP {value!r} from {source}{hint}: {exc}") from None
 
@@ -65,13 +65,14 @@ class Interrogator:
         self.processor = processor
         self.vocab = vocab
         self.top_tokens = params.top_tokens
-        self.kinds = sorted(set(vocab.kinds), key=vocab.kinds.index)
+        kinds = sorted(set(vocab.kinds), key=vocab.kinds.index)
+        self.columns = {kind: [i for i, k in enumerate(vocab.kinds) if k == kind] for kind in kinds}
         phrases = [params.phrase.format(token=token) for token in vocab.tokens]
         text = processor(text=phrases, return_tensors="pt", padding="max_length", truncation=True)
         with torch.inference_mode():
             features = self.model.get_text_features(**text.to(self.device)).pooler_output
         self.text = torch.nn.functional.normalize(features, dim=-1)
-        self.scale = float(self.model.logit_scale.exp())
+        self.scale = float(self.model.logit_scale.detach().exp())
 
     def probabilities(self, images: list[np.ndarray]) -> np.ndarray:
         """N x V: per image, the softmax over each kind's tokens of the CLIP logits."""
@@ -83,8 +84,7 @@ class Interrogator:
             features = self.model.get_image_features(pixel_values=pixels).pooler_output
             logits = self.scale * torch.nn.functional.normalize(features, dim=-1) @ self.text.T
         probs = torch.empty_like(logits)
-        for kind in self.kinds:
-            columns = [i for i, k in enumerate(self.vocab.kinds) if k == kind]
+        for columns in self.columns.values():
             probs[:, columns] = logits[:, columns].softmax(dim=-1)
         return probs.float().cpu().numpy()
 
@@ -94,8 +94,7 @@ class Interrogator:
         captions = []
         for row in probs:
             best = []
-            for kind in self.kinds:
-                columns = [i for i, k in enumerate(self.vocab.kinds) if k == kind]
+            for columns in self.columns.values():
                 winner = columns[int(np.argmax(row[columns]))]
                 best.append((float(row[winner]), self.vocab.tokens[winner]))
             best.sort(key=lambda pair: -pair[0])

@@ -53,6 +53,7 @@ class ClipTrainSummary:
     parameters: int
     final_loss: float
     train_seconds: float
+    train_cpu_seconds: float
     heldout_images: int
     colour_accuracy: float
     texture_accuracy: float
@@ -207,7 +208,7 @@ def train_clip(
         ),
     )
     model.train()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     loss_value = float("nan")
     progress = tqdm(range(total_steps), desc="train sim CLIP", disable=not show_progress)
     for _ in progress:
@@ -230,6 +231,7 @@ def train_clip(
         loss_value = float(loss.detach())
         progress.set_postfix(loss=f"{loss_value:.3f}")
     train_seconds = time.perf_counter() - started
+    train_cpu_seconds = time.process_time() - cpu_started
 
     model.eval()
     heldout = render_batch(
@@ -250,6 +252,7 @@ def train_clip(
             parameters=sum(p.numel() for p in model.parameters()),
             final_loss=round(loss_value, 4),
             train_seconds=round(train_seconds, 1),
+            train_cpu_seconds=round(train_cpu_seconds, 1),
             heldout_images=cfg.heldout_images,
             colour_accuracy=accuracy["colour"],
             texture_accuracy=accuracy["texture"],
