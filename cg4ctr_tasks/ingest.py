@@ -132,8 +132,8 @@ def _format_of(name: str) -> tuple[str | None, bool]:
     return FORMATS.get(suffix), compressed
 
 
-def discover(logs: str, day: str) -> tuple[Any, str, list[LogFile], list[str]]:
-    """List a date's partition: (fs, partition path, log files in path order, ignored names).
+def discover(logs: str, day: str) -> tuple[Any, list[LogFile], list[str]]:
+    """List a date's partition: (fs, log files in path order, ignored names).
 
     Names starting with ``_`` or ``.`` (``_SUCCESS``, checksums) are ignored and reported; any
     other unknown file type fails the date rather than being skipped silently.
@@ -161,7 +161,7 @@ def discover(logs: str, day: str) -> tuple[Any, str, list[LogFile], list[str]]:
             f"{day}: unsupported file type(s) in {logs}: {', '.join(unsupported[:5])} "
             f"(expected {', '.join(FORMATS)}, optionally .gz)"
         )
-    return fs, partition, files, ignored
+    return fs, files, ignored
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -568,7 +568,7 @@ def summary_path(ws: Workspace, day: str) -> str:
     return storage.join(ws.data, "ctr", f"{date_partition(day)}.json")
 
 
-def _fingerprint(logs: str, files: list[LogFile], params: IngestParams) -> str:
+def _fingerprint(files: list[LogFile], params: IngestParams) -> str:
     spec = {
         "version": _OUTPUT_VERSION,
         "params": params.model_dump(),
@@ -705,14 +705,14 @@ def ingest_date(
     """Ingest one date; returns its summary. Raises UserError when the date fails (its
     quarantine folder then holds the evidence and the previous good outputs stay in place).
     """
-    dates_between(day, day)
+    dates_between(day, day)  # a well-formed date, or a UserError
     logs = logs or ws.raw_logs
     params = ws.params.ingest
     started = time.perf_counter()
-    fs, _partition, files, ignored = discover(logs, day)
+    fs, files, ignored = discover(logs, day)
     if not files:
         raise UserError(f"no click-log files for {day} under {logs}")
-    fingerprint = _fingerprint(logs, files, params)
+    fingerprint = _fingerprint(files, params)
     if not force and (previous := _reusable(ws, day, fingerprint)) is not None:
         return {**previous, "reused": True}
 
