@@ -81,6 +81,9 @@ class ClipTrainParams(_Strict):
 class CaptionParams(_Strict):
     clip_model: str
     top_tokens: int = Field(ge=1)
+    kinds: list[Literal["colour", "light", "texture", "material", "scene", "style"]] = Field(
+        min_length=1
+    )
     phrase: str = Field(pattern=r"\{token\}")
     batch_size: int = Field(ge=1)
     shard_size: int = Field(ge=1)

@@ -6,7 +6,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 from cg4ctr_tasks.assets import asset_path
@@ -102,7 +101,6 @@ def test_committed_asset_matches_its_manifest() -> None:
     assert manifest["summary"]["colour_accuracy"] >= 0.8
 
 
-@pytest.mark.slow
 def test_cli_train_clip(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
