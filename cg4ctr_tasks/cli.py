@@ -128,6 +128,9 @@ def ingest_cmd(
         str | None,
         typer.Option(help="Folder or s3://bucket/prefix holding dt=YYYY-MM-DD/ partitions."),
     ] = None,
+    pending: Annotated[
+        bool, typer.Option("--pending", help="Every partition present (new ones ingested).")
+    ] = False,
     force: Annotated[bool, typer.Option(help="Re-ingest dates whose outputs are current.")] = False,
     workspace: WorkspaceOpt = Path("."),
     as_json: JsonOpt = False,
@@ -135,12 +138,11 @@ def ingest_cmd(
     """Validate and aggregate click logs into data/ctr/; rejected rows go to data/quarantine/."""
     from cg4ctr_tasks.ingest import ingest
 
-    if (date is None) == (start is None) or (date is not None and end is not None):
-        raise UserError("give either --date D or --start S [--end E]")
-    ws = _open(workspace)
+    chosen = sum([date is not None, start is not None, pending])
+    if chosen != 1 or (end is not None and start is None):
+        raise UserError("give exactly one of --date D, --start S [--end E] or --pending")
     first = date or start
-    assert first is not None
-    _emit(ingest(ws, first, end or first, logs, force), as_json, f"ingest {first}..{end or first}")
+    _emit(ingest(_open(workspace), first, end or first, logs, force), as_json, "ingest")
 
 
 @app.command("import-logs")

@@ -812,18 +812,36 @@ def _staging(target: str) -> Iterator[Path]:
         fs.put(f"{tmp}/", remote, recursive=True)
 
 
+def partition_dates(ws: Workspace, logs: str | None = None) -> list[str]:
+    """Every ``dt=YYYY-MM-DD`` partition under the log root, oldest first."""
+    root = logs or ws.raw_logs
+    fs, path = storage.url_to_fs(root)
+    if not fs.exists(path):
+        raise UserError(f"no click logs under {root}")
+    found = []
+    for entry in fs.ls(path, detail=False):
+        name = str(entry).rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("dt="):
+            found.append(name[3:])
+    if not found:
+        raise UserError(f"no dt=YYYY-MM-DD partitions under {root}")
+    return sorted(found)
+
+
 def ingest(
     ws: Workspace,
-    start: str,
+    start: str | None,
     end: str | None = None,
     logs: str | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Ingest every date from ``start`` to ``end`` (inclusive), each independently.
+    """Ingest every date from ``start`` to ``end`` (inclusive), each independently; with
+    ``start`` None, every partition present (the nightly "pending" mode: current dates are
+    reused, new ones ingested).
 
     All dates are attempted; if any failed, UserError lists them after the others finished.
     """
-    days = dates_between(start, end or start)
+    days = partition_dates(ws, logs) if start is None else dates_between(start, end or start)
     results, failures = [], []
     for day in days:
         try:
