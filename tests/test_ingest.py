@@ -355,3 +355,16 @@ def test_streamed_files_that_break_midway_fail_and_are_kept(tmp_path: Path, logs
         ingest_date(ws, DAY, logs=str(logs))
     kept = sorted(p.name for p in (Path(ws.quarantine(DAY)) / "files").iterdir())
     assert kept == ["0001-a.csv.gz", "0002-b.csv", "0003-c.csv"]
+
+
+def test_pending_ingests_new_partitions_and_reuses_current_ones(logs: Path, ws: Workspace) -> None:
+    write_csv(partition(logs), "part-0.csv", good_rows())
+    first = ingest(ws, None, logs=str(logs))
+    assert first["status"] == "ok" and not first.get("reused")
+    later = logs / "dt=2026-03-02"
+    write_csv(later, "part-0.csv", [r.replace(DAY, "2026-03-02") for r in good_rows(50)])
+    both = ingest(ws, None, logs=str(logs))
+    assert both["dates"] == 2 and both["reused"] == 1
+    assert both["rows_read"] == 250
+    with pytest.raises(UserError, match="no click logs under"):
+        ingest(ws, None, logs=str(logs / "nowhere"))
