@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from matplotlib.colors import rgb_to_hsv
 from typer.testing import CliRunner
 
 from cg4ctr_tasks import storage
+from cg4ctr_tasks.caption import caption_creatives, caption_round
 from cg4ctr_tasks.cli import app
 from cg4ctr_tasks.errors import UserError
+from cg4ctr_tasks.ingest import ingest
 from cg4ctr_tasks.reward.data import build_reward_data
 from cg4ctr_tasks.reward.evaluate import eval_reward
 from cg4ctr_tasks.reward.model import IMAGE_WEIGHTS_NAME, TEXT_FOLDER, RewardModel
@@ -36,44 +37,6 @@ reward:
   min_impressions: 1
   bootstrap_samples: 50
 """
-HUES = ["red", "orange", "yellow", "green", "teal", "blue", "purple", "pink"]
-
-
-def write_ctr_tables(ws: Workspace) -> None:
-    """Stand-in for the ingest stage: the documented CTR tables from the raw logs."""
-    fs, root = storage.url_to_fs(ws.raw_logs)
-    for part in sorted(fs.glob(f"{root}/dt=*/part-*.csv")):
-        logs = pd.read_csv(part)
-        date = str(logs["event_date"].iloc[0])
-        by_group = logs.groupby(["item_id", "creative_id", "user_group"], as_index=False)[
-            ["impressions", "clicks"]
-        ].sum()
-        storage.write_parquet(ws.ctr_table(date), by_group)
-        per_creative = by_group.groupby(["item_id", "creative_id"], as_index=False)[
-            ["impressions", "clicks"]
-        ].sum()
-        storage.write_parquet(ws.ctr_creative_table(date), per_creative)
-
-
-def colour_caption(ws: Workspace, uri: str) -> str:
-    """Stand-in for the captioner: words for the public image's border colour."""
-    image = storage.read_image_array(ws.resolve(uri), 10**7, 10**7)
-    border = rgb_to_hsv(np.r_[image[0], image[-1]] / 255.0).mean(axis=0)
-    hue = HUES[int(border[0] * 8) % 8] if border[1] > 0.2 else "white"
-    return f"{hue} {'bright' if border[2] > 0.6 else 'dim'}"
-
-
-def write_captions(ws: Workspace, table: pd.DataFrame, id_col: str, path: str) -> None:
-    captions = [colour_caption(ws, u) for u in table["image_uri"]]
-    frame = pd.DataFrame(
-        {
-            id_col: table[id_col],
-            "image_uri": table["image_uri"],
-            "caption": captions,
-            "tokens": [c.split() for c in captions],
-        }
-    )
-    storage.write_parquet(path, frame)
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +45,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     root = tmp_path_factory.mktemp("reward-world")
     (root / "params.yaml").write_text(REWARD_PARAMS)
     ws = Workspace.open(root)
-    init_world(ws, seed=7)
-    write_ctr_tables(ws)
-    creatives = storage.read_parquet(ws.creatives_table)
-    write_captions(ws, creatives, "creative_id", storage.join(ws.data, "captions.parquet"))
+    summary = init_world(ws, seed=7)
+    ingest(ws, summary.first_date, summary.last_date)
+    caption_creatives(ws)
     train_reward(ws)
     return ws
 
@@ -165,7 +127,7 @@ def test_score_round_writes_scores_and_is_idempotent(world: Workspace) -> None:
     round_dir = world.round_dir(1)
     with pytest.raises(UserError, match="captions table not found"):
         score_round(world, 1)
-    write_captions(world, candidates, "candidate_id", storage.join(round_dir, "captions.parquet"))
+    caption_round(world, 1)
     runner = CliRunner()
     result = runner.invoke(app, ["score", "--round", "1", "-w", str(world.root), "--json"])
     assert result.exit_code == 0, result.output

@@ -11,6 +11,7 @@ simulated world's fixed random image encoder).
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,15 @@ class RewardModel(nn.Module):
         return Encoders(text, image, params, limits, cache)
 
     def save_pretrained(self, folder: str, encoders: Encoders, finetuned: bool) -> None:
-        """Write the folder atomically; the encoders are saved unless referenced by path."""
+        """Write the folder (atomically when local; uploaded after a local write for object
+        stores); the encoders are saved unless referenced by path."""
+        if storage.is_remote(folder):
+            with tempfile.TemporaryDirectory(prefix="cg4ctr-reward-") as staging:
+                local = str(Path(staging) / "model")
+                self.save_pretrained(local, encoders, finetuned)
+                fs, path = storage.url_to_fs(folder)
+                fs.put(local + "/", path, recursive=True)
+            return
         cfg = self.config
         with storage.atomic_local_path(folder) as tmp:
             tmp.mkdir(parents=True)
@@ -151,6 +160,7 @@ class RewardModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> RewardModel:
+        """Load a local folder (see :func:`local_folder` for object stores)."""
         folder = Path(folder)
         config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
         if not config_path.is_file() or not weights_path.is_file():
@@ -162,3 +172,15 @@ class RewardModel(nn.Module):
         model.load_state_dict(load_file(str(weights_path)))
         model.eval()
         return model
+
+
+def local_folder(folder: str) -> str:
+    """A local copy of a model folder on an object store (the folder itself when local)."""
+    if not storage.is_remote(folder):
+        return folder
+    if not storage.exists(storage.join(folder, CONFIG_NAME)):
+        raise UserError(f"no reward model in {folder}: run `cg4ctr train-reward` first")
+    fs, path = storage.url_to_fs(folder)
+    local = tempfile.mkdtemp(prefix="cg4ctr-reward-")
+    fs.get(path + "/", local + "/", recursive=True)
+    return local

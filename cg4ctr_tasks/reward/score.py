@@ -20,7 +20,7 @@ from cg4ctr_tasks import storage
 from cg4ctr_tasks.errors import UserError
 from cg4ctr_tasks.reward.data import attach_inputs, read_captions
 from cg4ctr_tasks.reward.features import Encoders
-from cg4ctr_tasks.reward.model import CONFIG_NAME, WEIGHTS_NAME, RewardModel
+from cg4ctr_tasks.reward.model import CONFIG_NAME, WEIGHTS_NAME, RewardModel, local_folder
 from cg4ctr_tasks.reward.train import cached_features, feature_cache_root
 from cg4ctr_tasks.workspace import Workspace
 
@@ -31,9 +31,10 @@ MODEL_KEY = b"cg4ctr.reward_model"
 def load_reward(ws: Workspace, folder: str | None = None) -> tuple[RewardModel, Encoders, str]:
     """The trained model, its encoders (with the shared feature cache) and its folder."""
     folder = folder or ws.model_dir("reward")
-    model = RewardModel.from_pretrained(folder)
+    local = local_folder(folder)
+    model = RewardModel.from_pretrained(local)
     encoders = model.load_encoders(
-        folder, ws.params.reward, ws.params.storage, feature_cache_root(ws)
+        local, ws.params.reward, ws.params.storage, feature_cache_root(ws)
     )
     return model, encoders, folder
 
