@@ -197,3 +197,17 @@ def test_sd15_code_path_on_tiny_encoders_with_fine_tuning(world: Workspace, tmp_
     assert encoders.image_fp != base_encoders.image_fp  # the encoders did change
     rows = build_reward_data(world, frozen).split("test")
     assert np.isfinite(predict(model, encoders, rows, 64)).all()
+
+
+def test_model_folder_round_trips_through_s3(world: Workspace, s3_endpoint: str) -> None:
+    from tests.fixtures_s3 import S3_BUCKET
+
+    remote = f"s3://{S3_BUCKET}/models/reward-roundtrip"
+    params = world.params.reward.model_copy(update={"epochs": 1})
+    assert train_reward(world, model_dir=remote, params=params)["skipped"] is False
+    assert storage.exists(storage.join(remote, "model.safetensors"))
+    assert train_reward(world, model_dir=remote, params=params)["skipped"] is True
+    model, encoders, folder = load_reward(world, remote)
+    assert folder == remote and model.config.user_groups == ["g0", "g1", "g2", "g3"]
+    rows = build_reward_data(world, params).split("test")
+    assert np.isfinite(predict(model, encoders, rows, 64)).all()
