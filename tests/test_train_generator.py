@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from cg4ctr_tasks.cli import app
@@ -41,6 +42,7 @@ def _tiny_clip(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow  # ~30 s: a two-step retrain, save, reload and reuse
 def test_short_retrain_writes_a_standard_inpainting_folder(tmp_path: Path) -> None:
     from diffusers import StableDiffusionInpaintPipeline
 

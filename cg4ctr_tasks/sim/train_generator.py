@@ -96,7 +96,7 @@ def build_vae(size: int) -> Any:
     import torch
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL(
+    vae: Any = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * len(VAE_BLOCKS),
