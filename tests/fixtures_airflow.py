@@ -208,10 +208,15 @@ class AirflowApi:
         run = self.call("POST", f"/api/v2/dags/{dag_id}/dagRuns", json=body)
         return str(run["dag_run_id"])
 
-    def wait_for_run(self, dag_id: str, run_id: str, timeout_s: float) -> str:
-        """Poll the run until it is terminal; its state (or a TimeoutError with task states)."""
+    def wait_for_run(
+        self, dag_id: str, run_id: str, timeout_s: float, services: tuple[Service, ...] = ()
+    ) -> str:
+        """Poll the run until it is terminal; its state. Fails early when a service died."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            for service in services:
+                if service.proc.poll() is not None:
+                    raise RuntimeError(f"{service.name} died during {run_id}\n{service.tail()}")
             state = str(self.call("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")["state"])
             if state in TERMINAL:
                 return state
@@ -389,7 +394,10 @@ class CeleryCluster:
     def run_dag(self, dag_id: str, logical_date: str, timeout_s: float) -> tuple[str, str]:
         """Trigger ``dag_id`` for a date and wait; (run id, terminal state)."""
         run_id = self.api.trigger(dag_id, logical_date)
-        return run_id, self.api.wait_for_run(dag_id, run_id, timeout_s)
+        try:
+            return run_id, self.api.wait_for_run(dag_id, run_id, timeout_s, tuple(self.services))
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}\n{self.logs()}") from None
 
 
 @contextlib.contextmanager
@@ -415,7 +423,7 @@ def celery_cluster(root: Path, workspace: Path) -> Iterator[CeleryCluster]:
             core__parallelism="8",
             database__sql_alchemy_conn=db_url,
             celery__broker_url=broker_url,
-            celery__result_backend=f"db+{db_url.replace('+psycopg2', '')}",
+            celery__result_backend=f"db+{db_url}",  # SQLAlchemy 2.1 defaults to psycopg 3
             celery__worker_concurrency="2",
             dag_processor__refresh_interval="5",
             scheduler__scheduler_heartbeat_sec="2",
@@ -444,6 +452,9 @@ def celery_cluster(root: Path, workspace: Path) -> Iterator[CeleryCluster]:
                 services.append(start_service(name, args, env, logs))
             api = AirflowApi(f"http://127.0.0.1:{api_port}")
             api.wait_healthy(services[0])
+            for service in services:
+                if service.proc.poll() is not None:
+                    raise RuntimeError(f"{service.name} exited at start\n{service.tail()}")
             api.login()
             api.set_pool("gpu", 1)
             api.set_pool("dvc", 1)
