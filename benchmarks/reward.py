@@ -4,7 +4,7 @@ Both arms train the same model with the same Eq 17 loop (``reward.train.fit``) o
 lists of a small simulated world; the baseline recomputes the frozen MiniLM / timm features
 of every batch (no gradient) instead of reading them from the content-hash cache.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.reward [--items 40] [--epochs 3]
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.reward [--items 40] [--epochs 3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -43,7 +43,12 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=40)
     parser.add_argument("--creatives", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (1 avoids oversubscription)"
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="cg4ctr-reward-bench-") as tmp:
         ws = prepare(Path(tmp), args.items, args.creatives, 2, seed=5)
         params = ws.params.reward.model_copy(update={"epochs": args.epochs, "batch_size": 256})

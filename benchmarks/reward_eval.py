@@ -4,7 +4,8 @@ Builds a world in a temp dir (default 240 items x 6 initial creatives x 10 days)
 logs, captions its creatives, trains the full model and the ablations on the train split
 (epochs chosen on validation), and prints top-1..5 uplift on the held-out items (logged clicks,
 bootstrap 95 % CI for top-1, and the oracle's true CTR) and MSE, for:
-full, pointwise-only (lambda_r=1), listwise-only (lambda_r=0), image-only, random ranker.
+full, pointwise-only (lambda_r=1), listwise-only (lambda_r=0), image-only, random ranker, and
+the full model with the listwise temperature set to the training mean CTR.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.reward_eval [--items 240] [--world-seeds 3 4]
 
@@ -35,6 +36,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "pointwise-only": {"lambda_r": 1.0},
     "listwise-only": {"lambda_r": 0.0},
     "image-only": {"modalities": ["image"]},
+    "full, T=mean CTR": {"list_temperature": None},  # Eq 14 softmax(p / T): see params.yaml
 }
 
 
@@ -42,7 +44,7 @@ def prepare(root: Path, items: int, creatives: int, days: int, seed: int) -> Wor
     root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(
         f"world:\n  items: {items}\n  days: {days}\n  initial_creatives: {creatives}\n"
-        "reward:\n  batch_size: 256\n"
+        "reward:\n  batch_size: 256\n  val_fraction: 0.2\n  test_fraction: 0.3\n"
     )
     ws = Workspace.open(root)
     started = time.perf_counter()
@@ -58,7 +60,7 @@ def run(ws: Workspace) -> dict[str, dict[str, Any]]:
     base = ws.params.reward
     for name, update in VARIANTS.items():
         params = base.model_copy(update=update)
-        folder = str(ws.root / "models" / f"reward-{name}")
+        folder = str(ws.root / "models" / f"reward-{name.replace(' ', '').replace(',', '-')}")
         started = time.perf_counter()
         summary = train_reward(ws, model_dir=folder, params=params)
         figures = eval_reward(ws, model_dir=folder, params=params)
