@@ -151,4 +151,4 @@ def test_packaged_generator_loads_like_sd_inpainting_and_prompts_steer_colour() 
     gp = load_params().generate  # the packaged defaults: base_model "sim"
     rate, per_colour = colour_steering_rate(load_pipeline(gp, "cpu"), 64, 2, 10, 4.0, seed=3)
     print(f"colour steering rate: {rate:.2f} {per_colour}")
-    assert rate >= 0.25  # chance is 1/8
+    assert rate >= 0.5  # chance is 1/8
