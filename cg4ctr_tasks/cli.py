@@ -519,6 +519,7 @@ def train_lora_cmd(
     summary = train_lora(_open(workspace), round_id, force)
     _emit(summary.as_dict(), as_json, "train-lora")
 
+
 def main() -> None:
     try:
         app()

@@ -230,7 +230,7 @@ class Params(_Strict):
             if (name, spec.id, spec.prev) != expected or spec.mode != mode:
                 raise ValueError(
                     f"rounds: entry {index} must be {expected[0]}: {{id: {index}, prev: "
-                    f"{expected[2]}, mode: {mode}}} (odd rounds train the LoRA, even the prompt model)"
+                    f"{expected[2]}, mode: {mode}}} (odd rounds: LoRA, even: prompt model)"
                 )
         return self
 
