@@ -510,13 +510,17 @@ def generate_cmd(
 def train_lora_cmd(
     round_id: RoundOpt,
     workspace: WorkspaceOpt = Path("."),
+    method: Annotated[
+        str | None,
+        typer.Option(help="sft (top-k, Eq 3/4) | preference (Diffusion-DPO); default: params."),
+    ] = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Odd rounds: LoRA on the round's kept candidates (Eq 3/4) -> models/lora/round-NNN/."""
     from cg4ctr_tasks.train_lora import train_lora
 
-    summary = train_lora(_open(workspace), round_id, force)
+    summary = train_lora(_open(workspace), round_id, force, method)
     _emit(summary.as_dict(), as_json, "train-lora")
 
 

@@ -126,6 +126,8 @@ class LoraParams(_Strict):
     steps: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     dpo_beta: float = Field(gt=0)
+    max_pairs_per_list: int = Field(ge=1)
+    min_score_gap: float = Field(ge=0)
 
 
 class RewardParams(_Strict):

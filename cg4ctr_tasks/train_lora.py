@@ -8,8 +8,9 @@ generator keeps what previous rounds taught it, and is saved in the diffusers/pe
 (safetensors) that ``pipe.load_lora_weights(dir)`` reads.
 
 The optimisation loop (:func:`fit_adapter`) takes the objective as a function of a batch of
-example indices, so another objective over the same frozen features (a preference loss over
-(G, B) pairs, ``lora.method: preference``) plugs in without a second loop.
+example indices, so the preference objective (Diffusion-DPO over (G, B) pairs,
+``lora.method: preference``, :mod:`cg4ctr_tasks.preference`) plugs in without a second loop;
+its examples are pairs, and ``examples`` in the summary counts them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 
 from cg4ctr_tasks import storage
 from cg4ctr_tasks.errors import UserError
@@ -141,25 +143,32 @@ def save_adapter(unet: Any, folder: str) -> None:
     )
 
 
-def load_positives(ws: Workspace, round_id: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Images, product masks and prompts of the round's kept candidates G."""
+def read_round(ws: Workspace, round_id: int) -> pd.DataFrame:
+    """The round's partition (item, group, score, kept) joined with its candidates' images."""
     round_dir = ws.round_dir(round_id)
     partition_path = storage.join(round_dir, "partition.parquet")
     candidates_path = storage.join(round_dir, "candidates.parquet")
     for path, stage in ((candidates_path, "generate"), (partition_path, "select")):
         if not storage.exists(path):
             raise UserError(f"{path} not found: run `cg4ctr {stage} --round {round_id}` first")
-    partition = storage.read_parquet(partition_path, columns=["candidate_id", "kept"])
-    candidates = storage.read_parquet(
-        candidates_path, columns=["candidate_id", "item_id", "image_uri", "prompt"]
+    partition = storage.read_parquet(
+        partition_path, columns=["candidate_id", "item_id", "user_group", "score", "kept"]
     )
-    kept = candidates.merge(partition[partition["kept"].astype(bool)], on="candidate_id")
-    if kept.empty:
-        raise UserError(f"round {round_id}: no kept candidates to train the LoRA on")
+    candidates = storage.read_parquet(
+        candidates_path, columns=["candidate_id", "image_uri", "prompt"]
+    )
+    return candidates.merge(partition, on="candidate_id")
+
+
+def load_examples(
+    ws: Workspace, round_id: int, rows: pd.DataFrame
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Images, product masks (the round's saliency masks) and prompts of candidate rows."""
+    round_dir = ws.round_dir(round_id)
     limits = ws.params.storage
     masks: dict[str, np.ndarray] = {}
     images, product_masks = [], []
-    for row in kept.itertuples(index=False):
+    for row in rows.itertuples(index=False):
         item_id = storage.safe_id(row.item_id, "item_id")
         if item_id not in masks:
             mask_url = storage.join(round_dir, "saliency", "masks", f"{item_id}.png")
@@ -177,7 +186,16 @@ def load_positives(ws: Workspace, round_id: int) -> tuple[np.ndarray, np.ndarray
             )
         )
         product_masks.append(masks[item_id])
-    return np.stack(images), np.stack(product_masks), kept["prompt"].astype(str).tolist()
+    return np.stack(images), np.stack(product_masks), rows["prompt"].astype(str).tolist()
+
+
+def load_positives(ws: Workspace, round_id: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Images, product masks and prompts of the round's kept candidates G."""
+    table = read_round(ws, round_id)
+    kept = table[table["kept"].astype(bool)]
+    if kept.empty:
+        raise UserError(f"round {round_id}: no kept candidates to train the LoRA on")
+    return load_examples(ws, round_id, kept)
 
 
 def encode_examples(
@@ -193,22 +211,41 @@ def encode_examples(
     )
 
 
-def train_lora(ws: Workspace, round_id: int, force: bool = False) -> LoraSummary:
-    """Train and save ``models/lora/round-NNN`` from the round's positives (skip if present)."""
+def train_lora(
+    ws: Workspace, round_id: int, force: bool = False, method: str | None = None
+) -> LoraSummary:
+    """Train and save ``models/lora/round-NNN`` (skip if present).
+
+    ``method`` (default ``lora.method``): ``sft`` fits the round's positives G (Eq 3/4);
+    ``preference`` runs Diffusion-DPO on (G, B) pairs (:mod:`cg4ctr_tasks.preference`).
+    """
     import torch
     from diffusers import DDPMScheduler
 
+    from cg4ctr_tasks import preference
+
     started = time.perf_counter()
     lp = ws.params.lora
+    method = method or lp.method
+    if method not in ("sft", "preference"):
+        raise UserError(f"unknown LoRA method {method!r}; use 'sft' or 'preference'")
     out = ws.model_dir("lora", round_id)
     summary_path = storage.join(out, "train_summary.json")
     if not force and storage.exists(storage.join(out, WEIGHTS_NAME)):
         if storage.exists(summary_path):
             return LoraSummary(**{**json.loads(storage.read_bytes(summary_path)), "reused": True})
-    if lp.method != "sft":
-        raise UserError(f"lora.method {lp.method!r} is not available yet; use 'sft'")
     previous = ws.latest_model_dir("lora", round_id)
-    images, product_masks, prompts = load_positives(ws, round_id)
+    seed = ws.params.seed + round_id
+    pairs = None
+    if method == "sft":
+        images, product_masks, prompts = load_positives(ws, round_id)
+    else:
+        table = read_round(ws, round_id)
+        pairs = preference.sample_pairs(table, lp, seed)
+        preference.require_pairs(pairs, round_id)
+        ids, winners, losers = preference.pair_rows(pairs)
+        rows = table.set_index("candidate_id").loc[ids].reset_index()
+        images, product_masks, prompts = load_examples(ws, round_id, rows)
     pipe = load_pipeline(ws.params.generate)
     if pipe.unet.dtype != torch.float32:  # LoRA trains in float32 even on a half-precision GPU
         pipe.unet.to(torch.float32)
@@ -218,13 +255,28 @@ def train_lora(ws: Workspace, round_id: int, force: bool = False) -> LoraSummary
     )
     add_lora(pipe.unet, lp, previous)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    objective = sft_objective(pipe.unet, noise_scheduler, data)
-    losses = fit_adapter(pipe.unet, objective, len(images), lp, ws.params.seed + round_id)
+    if pairs is None:
+        objective = sft_objective(pipe.unet, noise_scheduler, data)
+        examples = len(images)
+    else:
+        pair_set = preference.PairSet(
+            data=data,
+            weights=preference.background_weights(product_masks, data.latents.shape[-2:]).to(
+                data.latents.device
+            ),
+            winners=torch.from_numpy(winners),
+            losers=torch.from_numpy(losers),
+        )
+        objective = preference.preference_objective(
+            pipe.unet, noise_scheduler, pair_set, lp.dpo_beta
+        )
+        examples = len(pairs)
+    losses = fit_adapter(pipe.unet, objective, examples, lp, seed)
     summary = LoraSummary(
         round=round_id,
-        method=lp.method,
+        method=method,
         out=out,
-        examples=len(images),
+        examples=examples,
         steps=lp.steps,
         first_loss=float(np.mean(losses[: max(1, len(losses) // 10)])),
         last_loss=float(np.mean(losses[-max(1, len(losses) // 10) :])),
