@@ -10,10 +10,11 @@ Diffusion-DPO, Eq 14 of the paper, with the per-sample errors of one shared nois
     L = -E log sigmoid(-beta/2 * [(e_w - e_ref_w) - (e_l - e_ref_l)]),
     e_x = ||eps - eps_theta(x_t, t)||^2,  e_ref_x = ||eps - eps_ref(x_t, t)||^2
 
-The paper writes the scale as ``beta * T * omega(lambda_t)``; its released trainer folds T and the
-weighting into ``beta`` and applies the factor 1/2, as here (``lora.dpo_beta``). The implicit reward
-margin is ``-(e_w - e_ref_w) + (e_l - e_ref_l)``: it is zero when the policy equals the reference,
-so the loss starts at log 2.
+The paper writes the scale as ``beta * T * omega(lambda_t)`` and separate noises for the two
+images; its released trainer folds T and the weighting into ``beta``, applies the factor 1/2 and
+shares one noise and timestep per pair (lower variance), as here (``lora.dpo_beta``). The
+implicit reward margin is ``-(e_w - e_ref_w) + (e_l - e_ref_l)``: it is zero when the policy
+equals the reference, so the loss starts at log 2.
 
 Product-centric: the errors are means over the BACKGROUND latents only (each latent cell weighted
 by its fraction of background pixels), because the product is pasted back pixel-exact after
