@@ -470,6 +470,9 @@ def airflow_celery(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CeleryC
     root = tmp_path_factory.mktemp("celery-cluster")
     workspace = root / "workspace"
     workspace.mkdir()
-    (workspace / "params.yaml").write_text("world:\n  items: 6\n  days: 2\n")
+    # no schedule: unpausing a DAG must not start a run of its own beside the triggered ones
+    (workspace / "params.yaml").write_text(
+        "world:\n  items: 6\n  days: 2\nairflow:\n  schedule: null\n"
+    )
     with celery_cluster(root, workspace) as cluster:
         yield cluster

@@ -83,9 +83,10 @@ def test_nightly_two_rounds_on_celery(airflow_celery: CeleryCluster) -> None:
     days = [first.isoformat(), (first + timedelta(days=1)).isoformat()]
     for dag_id in ("cg4ctr_bootstrap", "cg4ctr_nightly"):
         api.wait_for_dag(dag_id)
-        api.unpause(dag_id)
+    api.unpause("cg4ctr_bootstrap")
     run_id, state = airflow_celery.run_dag("cg4ctr_bootstrap", days[0], timeout_s=900)
     assert state == "success", (api.task_states("cg4ctr_bootstrap", run_id), airflow_celery.logs())
+    api.unpause("cg4ctr_nightly")
     trained = {}
     for day in days:
         run_id, state = airflow_celery.run_dag("cg4ctr_nightly", day, timeout_s=1500)
