@@ -8,7 +8,7 @@ result as round-000. Run it once per workspace; cg4ctr_nightly needs its models.
 from __future__ import annotations
 
 from airflow.sdk import dag, task
-from cg4ctr_dag_support import CLI, DVC_POOL, ROUND_ASSETS, cli, default_args, params, start_date
+from cg4ctr_dag_support import CLI, DVC_POOL, ROUND_ASSETS, cli, dag_settings, params
 
 P = params()
 
@@ -16,12 +16,7 @@ P = params()
 @dag(
     dag_id="cg4ctr_bootstrap",
     schedule=None,
-    start_date=start_date(P),
-    catchup=False,
-    max_active_runs=1,
-    default_args=default_args(P),
-    tags=["cg4ctr"],
-    doc_md=__doc__,
+    **dag_settings(P, __doc__),
 )
 def cg4ctr_bootstrap() -> None:
     @task.bash(outlets=[ROUND_ASSETS["logs"]])

@@ -47,15 +47,19 @@ def cli(*args: str) -> str:
     return " ".join([CLI, *args])
 
 
-def default_args(p: Params) -> dict[str, Any]:
+def dag_settings(p: Params, doc: str | None) -> dict[str, Any]:
+    """What every cg4ctr DAG shares: one run at a time, retries with back-off, no catchup."""
     return {
-        "owner": "cg4ctr",
-        "retries": p.airflow.retries,
-        "retry_delay": timedelta(seconds=p.airflow.retry_delay_s),
-        "retry_exponential_backoff": True,
-        "max_retry_delay": timedelta(hours=1),
+        "start_date": datetime.fromisoformat(p.airflow.start_date),
+        "catchup": False,
+        "max_active_runs": 1,
+        "tags": ["cg4ctr"],
+        "doc_md": doc,
+        "default_args": {
+            "owner": "cg4ctr",
+            "retries": p.airflow.retries,
+            "retry_delay": timedelta(seconds=p.airflow.retry_delay_s),
+            "retry_exponential_backoff": True,
+            "max_retry_delay": timedelta(hours=1),
+        },
     }
-
-
-def start_date(p: Params) -> datetime:
-    return datetime.fromisoformat(p.airflow.start_date)

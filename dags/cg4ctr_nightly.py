@@ -17,9 +17,8 @@ from cg4ctr_dag_support import (
     GPU_QUEUE,
     ROUND_ASSETS,
     cli,
-    default_args,
+    dag_settings,
     params,
-    start_date,
 )
 
 P = params()
@@ -28,12 +27,7 @@ P = params()
 @dag(
     dag_id="cg4ctr_nightly",
     schedule=P.airflow.schedule,
-    start_date=start_date(P),
-    catchup=False,
-    max_active_runs=1,
-    default_args=default_args(P),
-    tags=["cg4ctr"],
-    doc_md=__doc__,
+    **dag_settings(P, __doc__),
 )
 def cg4ctr_nightly() -> None:
     @task(multiple_outputs=True)

@@ -13,18 +13,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from cg4ctr_tasks.contracts import LOG_COLUMNS as RAW_LOG_COLUMNS
 from cg4ctr_tasks.sim.oracle import Oracle
 
-LOG_COLUMNS = [
-    "event_date",
-    "item_id",
-    "creative_id",
-    "user_group",
-    "device",
-    "hour",
-    "impressions",
-    "clicks",
-]
+LOG_COLUMNS = list(RAW_LOG_COLUMNS)
 PRIOR_IMPRESSIONS = 50.0  # pseudo-impressions at the mean CTR for the greedy estimate
 
 
