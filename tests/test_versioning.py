@@ -95,3 +95,51 @@ def test_two_concurrent_version_runs_do_not_corrupt_the_repo(ws: Workspace) -> N
     )
     assert status.returncode == 0
     assert _git(ws.root, "status", "--porcelain", "--untracked-files=no") == ""
+
+
+@pytest.mark.integration
+def test_rounds_push_to_an_s3_remote_and_restore_from_it(
+    workspace: Path, s3_endpoint: str, tmp_path: Path
+) -> None:
+    from tests.fixtures_s3 import S3_BUCKET
+
+    (workspace / "params.yaml").write_text(
+        f"world:\n  items: 3\n  days: 1\nversioning:\n  remote: s3://{S3_BUCKET}/dvc-remote\n"
+    )
+    ws = Workspace.open(workspace)
+    init_world(ws, seed=2)
+    round_dir = _fake_round(ws, round_info(ws, 1).id, "on s3")
+    version_round(ws, 1)
+
+    from cg4ctr_tasks.storage import url_to_fs
+
+    fs, _ = url_to_fs(f"s3://{S3_BUCKET}")
+    assert fs.find(f"{S3_BUCKET}/dvc-remote"), "nothing was pushed to the S3 remote"
+    # the endpoint is machine-local config, credentials never reach a committed file
+    committed = _git(ws.root, "show", "HEAD:.dvc/config")
+    assert "dvc-remote" in committed and "127.0.0.1" not in committed and "testing" not in committed
+
+    # a second clone of the workspace repo restores the round from S3 alone
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ws.root), str(clone)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dvc",
+            "remote",
+            "modify",
+            "--local",
+            "storage",
+            "endpointurl",
+            s3_endpoint,
+        ],
+        cwd=clone,
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [sys.executable, "-m", "dvc", "pull", "-q"], cwd=clone, check=True, capture_output=True
+    )
+    relative = round_dir.relative_to(ws.root)
+    assert (clone / relative / "partition.txt").read_text() == "on s3"
