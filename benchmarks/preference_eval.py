@@ -6,8 +6,8 @@ Two workspaces whose params differ only in ``lora.method`` run the same world se
   and the preference/sft ratio;
 - reward-score drift: the mean reward-model score of the kept creatives (what the generator is
   optimised to please) next to their true CTR, each relative to round 1 (before any LoRA acted):
-  a generator that learns to please the reward model more than the oracle shows a score ratio
-  rising faster than the true-CTR ratio.
+  a generator that learns to please the reward model more than the oracle shows the score gain
+  rising while the true-CTR uplift stays flat or falls.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.preference_eval [--rounds 3] [--seed 0]
 
@@ -98,9 +98,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         tables[method] = round_figures(ws, args.rounds)
     table = pd.concat(tables, axis=1)
     for method in METHODS:
+        # scores are the reward model's logits (any sign): compare them by difference
         first = table.loc[1, (method, "true_ctr")], table.loc[1, (method, "kept_score")]
-        table[(method, "true_vs_r1")] = table[(method, "true_ctr")] / first[0]
-        table[(method, "score_vs_r1")] = table[(method, "kept_score")] / first[1]
+        table[(method, "true_uplift_r1")] = table[(method, "true_ctr")] / first[0] - 1
+        table[(method, "score_gain_r1")] = table[(method, "kept_score")] - first[1]
     table[("ratio", "pref/sft true_ctr")] = (
         table[("preference", "true_ctr")] / table[("sft", "true_ctr")]
     )
