@@ -220,6 +220,10 @@ class AirflowApi:
             state = str(self.call("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")["state"])
             if state in TERMINAL:
                 return state
+            if self.call("GET", f"/api/v2/dags/{dag_id}")["has_import_errors"]:
+                # a DAG that no longer parses goes stale: the scheduler stops its running runs
+                errors = self.call("GET", "/api/v2/importErrors")
+                raise RuntimeError(f"{dag_id} stopped parsing during {run_id}: {errors}")
             time.sleep(2)
         states = self.task_states(dag_id, run_id)
         raise TimeoutError(f"{dag_id} {run_id} not finished after {timeout_s} s: {states}")
