@@ -241,11 +241,14 @@ def default_params_text() -> str:
     return resources.files("cg4ctr_tasks").joinpath("defaults/params.yaml").read_text("utf-8")
 
 
+_REPLACED = ("profiles", "rounds")  # a workspace lists these whole; merging would keep defaults
+
+
 def _merge(base: dict[str, Any], override: dict[str, Any], where: str = "") -> dict[str, Any]:
     """Deep-merge ``override`` into a copy of ``base``; unknown keys are reported by pydantic."""
     out = copy.deepcopy(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "profiles":
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in _REPLACED:
             out[key] = _merge(out[key], value, f"{where}{key}.")
         else:
             out[key] = copy.deepcopy(value)

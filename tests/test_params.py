@@ -96,3 +96,10 @@ def test_vocab_kinds_and_errors(tmp_path: Path) -> None:
         parse_vocab("colour: red\nstyle: red\n", "v.txt")
     with pytest.raises(UserError, match="not found"):
         load_vocab(str(tmp_path / "missing.txt"))
+
+
+def test_workspace_rounds_replace_the_default_list(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text(
+        "rounds:\n  round-001: {id: 1, prev: round-000, mode: lora}\n"
+    )
+    assert list(load_params(tmp_path / "params.yaml").rounds) == ["round-001"]
