@@ -8,7 +8,8 @@ The same code path serves the world's own small pipeline (``generate.base_model:
 real SD-inpainting checkpoint (a path or hub id). Work is cut into parts of
 ``generate.shard_size`` items (``cg4ctr_tasks.shards``); inside a part, candidates of several
 items share a denoising batch of ``generate.batch_size`` images, so memory is bounded by the
-batch and throughput does not depend on q. Finished candidate images are reused on a re-run.
+batch and throughput does not depend on q. Finished batches of candidates are reused on a
+re-run.
 """
 
 from __future__ import annotations
@@ -291,14 +292,16 @@ def generate_round(
         part = plan.iloc[rows.start : rows.stop]
         sources = {item_id: source(item_id) for item_id in part["item_id"].unique()}
         sizes = {k: (v[0].shape[1], v[0].shape[0]) for k, v in sources.items()}
-        todo = part[
-            [
-                force or not _valid_image(ws.resolve(uri), sizes[item], ws)
-                for uri, item in zip(part["image_uri"], part["item_id"], strict=True)
-            ]
-        ]
-        state["reused"] += len(part) - len(todo)
-        for batch in _batches(todo, sizes, gp.batch_size):
+        # Batches are cut from the whole part, never from the images still missing: a batch's
+        # composition changes its pixels by float rounding, so a resumed run must rebuild the
+        # same batches to end with the same images. A batch whose images all exist is reused.
+        for batch in _batches(part, sizes, gp.batch_size):
+            if not force and all(
+                _valid_image(ws.resolve(uri), sizes[item], ws)
+                for uri, item in zip(batch["image_uri"], batch["item_id"], strict=True)
+            ):
+                state["reused"] += len(batch)
+                continue
             if state["pipe"] is None:
                 pipe = load_pipeline(gp, lora_dir=lora_dir)
                 state.update(pipe=pipe, device=str(pipe.device))

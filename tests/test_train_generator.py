@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -43,12 +44,15 @@ def _tiny_clip(folder: Path) -> Path:
 
 
 @pytest.mark.slow  # ~30 s: a two-step retrain, save, reload and reuse
-def test_short_retrain_writes_a_standard_inpainting_folder(tmp_path: Path) -> None:
+def test_short_retrain_writes_a_standard_inpainting_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from diffusers import StableDiffusionInpaintPipeline
 
     (tmp_path / "params.yaml").write_text(SHORT.format(clip=_tiny_clip(tmp_path / "clip")))
     out = tmp_path / "sim-inpaint"
     args = ["sim", "train-generator", "-w", str(tmp_path), "--out", str(out), "--json"]
+    monkeypatch.setattr(sys, "argv", ["cg4ctr", *args])  # as a shell would invoke it
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     figures = json.loads(result.output[result.output.index("{") :])
