@@ -81,9 +81,14 @@ def test_report_survives_a_missing_image(workspace: Path) -> None:
 
 @pytest.mark.integration
 def test_report_renders_in_headless_chromium(workspace: Path, tmp_path_factory) -> None:  # type: ignore[no-untyped-def]
-    from tests.system_packages import ensure_binary
+    import shutil
 
-    chromium = ensure_binary("chromium", ["chromium"])
+    from tests.fixtures_airflow import apt_install
+
+    if shutil.which("chromium") is None:
+        apt_install("chromium")
+    chromium = shutil.which("chromium")
+    assert chromium, "chromium not found after installing it"
     ws = Workspace.open(workspace)
     init_world(ws, seed=4)
     baseline_metrics(ws)
