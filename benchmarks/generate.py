@@ -43,15 +43,13 @@ def _sd15_sized_folder(root: Path) -> str:
     """A randomly initialised pipeline with SD-1.5's UNet/VAE/text-tower sizes (no download)."""
     from diffusers import (
         AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionInpaintPipeline,
         UNet2DConditionModel,
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from cg4ctr_tasks.prompts.vocab import load_vocab
     from cg4ctr_tasks.sim.train_clip import build_tokenizer
-    from cg4ctr_tasks.sim.train_generator import sd_scheduler_config
+    from cg4ctr_tasks.sim.train_generator import assemble_pipeline
 
     tokenizer = build_tokenizer(load_vocab(), 77)
     text = CLIPTextModel(
@@ -72,16 +70,7 @@ def _sd15_sized_folder(root: Path) -> str:
         layers_per_block=2,
         sample_size=512,
     )
-    pipe = StableDiffusionInpaintPipeline(
-        vae=vae,
-        text_encoder=text,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler.from_config(sd_scheduler_config()),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = assemble_pipeline(vae, text, tokenizer, unet)
     folder = root / "sd15-sized"
     pipe.save_pretrained(folder, safe_serialization=True)
     return str(folder)

@@ -422,6 +422,22 @@ def _manifest(folder: Path, command: str, wall_time_s: float, extra: dict[str, A
     (folder / "manifest.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
+def assemble_pipeline(vae: Any, text_encoder: Any, tokenizer: Any, unet: Any) -> Any:
+    """A standard SD-inpainting pipeline (DDIM, no safety checker) from its parts."""
+    from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
+
+    return StableDiffusionInpaintPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler.from_config(sd_scheduler_config()),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 def train_generator(
     params: Params, out: str | Path, command: str, force: bool = False
 ) -> GeneratorSummary:
@@ -431,7 +447,6 @@ def train_generator(
     sha256 of every file, the command, the wall time, the losses and the steering rate.
     """
     import torch
-    from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
 
     target = Path(out)
     manifest = target / "manifest.json"
@@ -477,16 +492,7 @@ def train_generator(
     unet = build_unet(size // 2 ** (len(VAE_BLOCKS) - 1), text_encoder.config.hidden_size)
     unet_loss = train_unet(unet, latents, uncond, tp, params.seed)
 
-    pipe: Any = StableDiffusionInpaintPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler.from_config(sd_scheduler_config()),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe: Any = assemble_pipeline(vae, text_encoder, tokenizer, unet)
     pipe.set_progress_bar_config(disable=True)
     rate, per_colour = colour_steering_rate(
         pipe, size, tp.eval_samples, tp.eval_steps, params.generate.guidance_scale, params.seed + 7
