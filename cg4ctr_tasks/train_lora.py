@@ -236,6 +236,7 @@ def train_lora(
             return LoraSummary(**{**json.loads(storage.read_bytes(summary_path)), "reused": True})
     previous = ws.latest_model_dir("lora", round_id)
     seed = ws.params.seed + round_id
+    torch.manual_seed(seed)  # VAE latent sampling and peft's LoRA init draw from the global RNG
     pairs = None
     if method == "sft":
         images, product_masks, prompts = load_positives(ws, round_id)

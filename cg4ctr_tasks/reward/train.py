@@ -296,7 +296,7 @@ def train_reward(
     ):
         done = RewardConfig.from_json(storage.read_bytes(config_path).decode("utf-8"))
         if done.extra.get("data_fingerprint") == fingerprint:
-            return {**done.extra["summary"], "skipped": True}
+            return {**done.extra["summary"], "model_dir": folder, "skipped": True}
 
     train_rows, val_rows = data.split("train"), data.split("val")
     if train_rows.empty or val_rows.empty:
@@ -349,8 +349,10 @@ def train_reward(
         ws.params.seed,
         also_train,
     )
+    # config.json holds only what the data and params determine (no paths, no timings), so the
+    # same inputs give a byte-identical model folder and the scores' model digest (score.py)
+    # does not change with the workspace's location or the machine's speed
     summary = {
-        "model_dir": folder,
         "lists": {s: int(data.split(s)["list_id"].nunique()) for s in ("train", "val", "test")},
         "rows": {s: int(len(data.split(s))) for s in ("train", "val", "test")},
         "lists_by": "item,user_group" if data.by_group else "item",
@@ -361,9 +363,6 @@ def train_reward(
         "epochs": params.epochs,
         "val_loss": min(result.val_losses),
         "val_losses": [round(v, 6) for v in result.val_losses],
-        "train_samples_per_s": round(result.samples_per_s, 1),
-        "feature_seconds": round(encode_s, 2),
-        "skipped": False,
     }
     model.config = RewardConfig(
         **{
@@ -372,4 +371,10 @@ def train_reward(
         }
     )
     model.save_pretrained(folder, encoders, finetuned=params.finetune_encoders)
-    return summary
+    return {
+        **summary,
+        "model_dir": folder,
+        "train_samples_per_s": round(result.samples_per_s, 1),
+        "feature_seconds": round(encode_s, 2),
+        "skipped": False,
+    }
