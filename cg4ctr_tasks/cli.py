@@ -506,6 +506,46 @@ def generate_cmd(
     _emit(summary.as_dict(), as_json, "generate")
 
 
+@sim_app.command("label-availability")
+def sim_label_availability(
+    workspace: WorkspaceOpt = Path("."),
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Generate and label (from ground truth) the inspector's training set -> data/inspector/."""
+    from cg4ctr_tasks.sim.availability import label_availability
+
+    _emit(label_availability(_open(workspace), force).as_dict(), as_json, "labelled set")
+
+
+@app.command("train-inspector")
+def train_inspector_cmd(
+    workspace: WorkspaceOpt = Path("."),
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train the availability inspector on data/inspector/labels.parquet -> models/inspector/."""
+    from cg4ctr_tasks.inspector import train_inspector
+
+    _emit(train_inspector(_open(workspace), force).as_dict(), as_json, "inspector")
+
+
+@app.command("inspect")
+def inspect_cmd(
+    round_id: RoundOpt,
+    workspace: WorkspaceOpt = Path("."),
+    shard: ShardOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Label candidates; regenerate rejected ones with new seeds -> inspection.parquet."""
+    from cg4ctr_tasks.inspector import inspect_round
+    from cg4ctr_tasks.shards import Shard
+
+    summary = inspect_round(_open(workspace), round_id, Shard.parse(shard), force)
+    _emit(summary.as_dict(), as_json, "inspect")
+
+
 @app.command("train-lora")
 def train_lora_cmd(
     round_id: RoundOpt,

@@ -28,13 +28,19 @@ class Stage:
 
 
 def bootstrap_stages(ws: Workspace, version: bool = True) -> list[Stage]:
-    """Round 0: learn from the click history before any generation."""
+    """Round 0: learn from the click history before any generation (and, when the inspector
+    is on, train it on a labelled set of generations)."""
     stages = [
         Stage("ingest", ["ingest", "--pending"]),
         Stage("caption", ["caption", "--creatives"]),
         Stage("train-reward", ["train-reward"]),
         Stage("train-prompt", ["train-prompt", "--bootstrap"]),
     ]
+    if ws.params.inspector.enabled:
+        # The inspector's labelled set: annotators in production, the world's labeller here.
+        if (ws.sim / "oracle.json").exists():
+            stages.append(Stage("label-availability", ["sim", "label-availability"]))
+        stages.append(Stage("train-inspector", ["train-inspector"]))
     if (ws.sim / "oracle.json").exists():
         stages.append(Stage("evaluate", ["sim", "baseline"]))
     if version and ws.params.versioning.enabled:
@@ -43,17 +49,22 @@ def bootstrap_stages(ws: Workspace, version: bool = True) -> list[Stage]:
 
 
 def round_stages(ws: Workspace, info: RoundInfo, version: bool = True) -> list[Stage]:
-    """Round N: ingest, (reward refresh), saliency, prompts, generate, caption, score, select,
-    train (odd: LoRA, even: prompt model), online (simulated world), version, report."""
+    """Round N: ingest, (reward refresh), saliency, prompts, generate, (inspect), caption,
+    score, select, train (odd: LoRA, even: prompt model), online (simulated world), version,
+    report."""
     n = str(info.id)
     every = ws.params.cycle.reward_refresh_every
     stages = [Stage("ingest", ["ingest", "--pending"])]
-    if every and info.id % every == 0:
+    if ws.params.cycle.train and every and info.id % every == 0:
         stages.append(Stage("train-reward", ["train-reward", "--round", n]))
     stages += [
         Stage("saliency", ["saliency", "--round", n]),
         Stage("prompts", ["prompts", "--round", n]),
         Stage("generate", ["generate", "--round", n]),
+    ]
+    if ws.params.inspector.enabled:
+        stages.append(Stage("inspect", ["inspect", "--round", n]))
+    stages += [
         Stage("caption", ["caption", "--round", n]),
         Stage("score", ["score", "--round", n]),
         Stage("select", ["select", "--round", n]),

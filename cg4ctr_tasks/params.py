@@ -173,6 +173,45 @@ class PromptParams(_Strict):
     round_tokens: Literal["caption", "prompt"]
 
 
+class LabellerParams(_Strict):
+    colour_tolerance: float = Field(gt=0.0, le=1.0)
+    floor_step: float = Field(gt=0.0, le=1.0)
+    floor_margin: int = Field(ge=0)
+    floor_band: int = Field(ge=1)
+    bleed_ring: int = Field(ge=1)
+    bleed_fraction: float = Field(gt=0.0, le=1.0)
+    min_contrast: float = Field(ge=0.0, le=1.0)
+    hallucination_gap: int = Field(ge=1)
+    hallucination_area: float = Field(gt=0.0)
+
+
+class InspectorParams(_Strict):
+    enabled: bool
+    max_attempts: int = Field(ge=1, le=100)
+    image_size: int = Field(ge=16, le=1024)
+    hidden: int = Field(ge=4)
+    patch_size: int = Field(ge=1)
+    fusion_layers: int = Field(ge=1)
+    fusion_heads: int = Field(ge=1)
+    dropout: float = Field(ge=0.0, lt=1.0)
+    learning_rate: float = Field(gt=0.0)
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    val_fraction: float = Field(ge=0.0, lt=1.0)
+    class_weight_power: float = Field(ge=0.0, le=1.0)
+    shard_size: int = Field(ge=1)
+    labelled_per_item: int = Field(ge=1)
+    labeller: LabellerParams
+
+    @model_validator(mode="after")
+    def _shapes(self) -> InspectorParams:
+        if self.image_size % self.patch_size or self.hidden % self.fusion_heads:
+            raise ValueError(
+                "inspector: image_size must be a multiple of patch_size and hidden of fusion_heads"
+            )
+        return self
+
+
 class SelectParams(_Strict):
     k: int = Field(ge=1)
 
@@ -215,6 +254,7 @@ class Params(_Strict):
     lora: LoraParams
     reward: RewardParams
     prompt: PromptParams
+    inspector: InspectorParams
     select: SelectParams
     cycle: CycleParams
     rounds: dict[str, RoundSpec]

@@ -1,14 +1,25 @@
 """cg4ctr_bootstrap: manual. Round 0 from the click history, before any generation.
 
 ingest all pending log partitions -> caption the logged creatives -> train the reward model ->
-train the initial prompt model -> (simulated world) measure the round-0 baseline -> version the
-result as round-000. Run it once per workspace; cg4ctr_nightly needs its models.
+train the initial prompt model -> (simulated world) label a set of generations for the
+availability inspector -> train the inspector (both skipped when `inspector.enabled` is false)
+-> (simulated world) measure the round-0 baseline -> version the result as round-000. Run it
+once per workspace; cg4ctr_nightly needs its models.
 """
 
 from __future__ import annotations
 
 from airflow.sdk import dag, task
-from cg4ctr_dag_support import CLI, DVC_POOL, ROUND_ASSETS, cli, dag_settings, params
+from cg4ctr_dag_support import (
+    CLI,
+    DVC_POOL,
+    GPU_POOL,
+    GPU_QUEUE,
+    ROUND_ASSETS,
+    cli,
+    dag_settings,
+    params,
+)
 
 P = params()
 
@@ -35,6 +46,22 @@ def cg4ctr_bootstrap() -> None:
     def train_prompt() -> str:
         return cli("train-prompt", "--bootstrap")
 
+    @task.bash(pool=GPU_POOL, queue=GPU_QUEUE)
+    def label_availability() -> str:
+        """The inspector's labelled set: the world's labeller (annotators in production)."""
+        if not P.inspector.enabled:
+            return "echo 'inspector disabled: skipped'"
+        return (
+            f'if [ -f "${{CG4CTR_WORKSPACE:-.}}/sim/oracle.json" ]; then '
+            f"{CLI} sim label-availability; else echo 'no simulated world: skipped'; fi"
+        )
+
+    @task.bash
+    def train_inspector() -> str:
+        if not P.inspector.enabled:
+            return "echo 'inspector disabled: skipped'"
+        return cli("train-inspector")
+
     @task.bash
     def baseline() -> str:
         return (
@@ -46,7 +73,9 @@ def cg4ctr_bootstrap() -> None:
     def version() -> str:
         return cli("version", "--round", "0")
 
-    ingest() >> caption_creatives() >> train_reward() >> train_prompt() >> baseline() >> version()
+    labelled = label_availability()
+    ingest() >> caption_creatives() >> train_reward() >> train_prompt() >> labelled
+    labelled >> train_inspector() >> baseline() >> version()
 
 
 cg4ctr_bootstrap()

@@ -1,8 +1,10 @@
 """cg4ctr_nightly: one self-cycling round per run (DESIGN.md section 5).
 
 ingest -> reward refresh (when due) -> saliency (mapped over item shards) -> prompts ->
-generate (mapped, `gpu` pool and queue) -> caption -> score -> select -> train (odd round: LoRA,
-even: prompt model) -> online day (simulated world only) -> version (DVC, `dvc` pool) -> report.
+generate (mapped, `gpu` pool and queue) -> inspect (availability inspector + recurrent
+generation, mapped; a no-op when `inspector.enabled` is false) -> caption -> score -> select ->
+train (odd round: LoRA, even: prompt model) -> online day (simulated world only) -> version
+(DVC, `dvc` pool) -> report.
 The round comes from the ledger for the run's logical date, so clearing a run re-does its round
 and a backfill runs consecutive rounds in date order; every stage is idempotent.
 """
@@ -51,7 +53,7 @@ def cg4ctr_nightly() -> None:
     @task.short_circuit(ignore_downstream_trigger_rules=False)
     def reward_due(round_id: int) -> bool:
         every = P.cycle.reward_refresh_every
-        return bool(every) and int(round_id) % every == 0
+        return P.cycle.train and bool(every) and int(round_id) % every == 0
 
     @task.bash(outlets=[ROUND_ASSETS["reward"]])
     def train_reward(round_id: int) -> str:
@@ -82,6 +84,15 @@ def cg4ctr_nightly() -> None:
     def merge_candidates(round_id: int) -> str:
         """The unsharded call finds every shard's parts done and writes candidates.parquet."""
         return cli("generate", "--round", str(round_id))
+
+    @task.bash(pool=GPU_POOL, queue=GPU_QUEUE)
+    def inspect(shard: str, round_id: int) -> str:
+        return cli("inspect", "--round", str(round_id), "--shard", shard)
+
+    @task.bash(outlets=[ROUND_ASSETS["candidates"]])
+    def merge_inspection(round_id: int) -> str:
+        """The unsharded call writes inspection.parquet and the final candidates.parquet."""
+        return cli("inspect", "--round", str(round_id))
 
     @task.bash
     def caption(round_id: int) -> str:
@@ -136,10 +147,15 @@ def cg4ctr_nightly() -> None:
     generated = generate.partial(round_id=rid).expand(
         shard=shards.override(task_id="generate_shards")(P.generate.shard_size)
     )
+    inspected = inspect.partial(round_id=rid).expand(
+        shard=shards.override(task_id="inspect_shards")(P.inspector.shard_size)
+    )
     branch = choose_training(info["mode"])
     shown = online(rid)
     info >> ingested >> reward_due(rid) >> refreshed >> salient >> prompts(rid) >> generated
-    generated >> merge_candidates(rid) >> caption(rid) >> score(rid) >> select(rid) >> branch
+    captioned = caption(rid)
+    generated >> merge_candidates(rid) >> inspected >> merge_inspection(rid) >> captioned
+    captioned >> score(rid) >> select(rid) >> branch
     branch >> [train_lora(rid), train_prompt(rid)] >> shown
     branch >> shown
     shown >> version(rid) >> report()

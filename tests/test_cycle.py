@@ -31,6 +31,9 @@ reward:
   epochs: 2
 prompt:
   epochs: 1
+inspector:
+  labelled_per_item: 4
+  epochs: 2
 rounds:
   round-001: {id: 1, prev: round-000, mode: lora}
   round-002: {id: 2, prev: round-001, mode: prompt}

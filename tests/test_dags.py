@@ -58,6 +58,8 @@ def test_nightly_shape(dagbag: Any) -> None:
         "prompts",
         "generate",
         "merge_candidates",
+        "inspect",
+        "merge_inspection",
         "caption",
         "score",
         "select",
@@ -70,6 +72,8 @@ def test_nightly_shape(dagbag: Any) -> None:
     assert down["online"] == {"version"} and down["version"] == {"report"}
     tasks = {t.task_id: t for t in dag.tasks}
     assert tasks["generate"].pool == "gpu" and tasks["generate"].queue == "gpu"
+    assert tasks["inspect"].pool == "gpu" and tasks["inspect"].queue == "gpu"
+    assert "inspect" in down["inspect_shards"]
     assert tasks["train_lora"].queue == "gpu"
     assert tasks["version"].pool == "dvc"
     assert "saliency" in down["saliency_shards"] and "generate" in down["generate_shards"]
@@ -81,7 +85,16 @@ def test_nightly_shape(dagbag: Any) -> None:
 def test_bootstrap_and_reward_shapes(dagbag: Any) -> None:
     boot = dagbag.dags["cg4ctr_bootstrap"]
     assert boot.schedule is None or boot.timetable.summary in ("None", "")
-    order = ["ingest", "caption_creatives", "train_reward", "train_prompt", "baseline", "version"]
+    order = [
+        "ingest",
+        "caption_creatives",
+        "train_reward",
+        "train_prompt",
+        "label_availability",
+        "train_inspector",
+        "baseline",
+        "version",
+    ]
     down = {t.task_id: set(t.downstream_task_ids) for t in boot.tasks}
     for upstream, downstream in zip(order, order[1:], strict=False):
         assert down[upstream] == {downstream}
