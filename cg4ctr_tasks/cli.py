@@ -353,14 +353,21 @@ def cycle_cmd(
 
 @app.command("train-reward")
 def train_reward_cmd(
+    round_id: Annotated[
+        int | None,
+        typer.Option("--round", help="Refresh for this round: logs before its date.", min=1),
+    ] = None,
     workspace: WorkspaceOpt = Path("."),
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Train the reward model (Eq 14-17) on the CTR tables; epochs chosen on validation."""
     from cg4ctr_tasks.reward.train import train_reward
+    from cg4ctr_tasks.rounds import round_info
 
-    _emit(train_reward(_open(workspace), force), as_json, "reward model")
+    ws = _open(workspace)
+    before = None if round_id is None else round_info(ws, round_id).date
+    _emit(train_reward(ws, force, before=before), as_json, "reward model")
 
 
 @app.command("eval-reward")

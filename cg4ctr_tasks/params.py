@@ -171,6 +171,7 @@ class PromptParams(_Strict):
     min_steps: int = Field(ge=0)
     oov_dropout: float = Field(ge=0.0, lt=1.0)
     round_tokens: Literal["caption", "prompt"]
+    replay_logs: bool
 
 
 class LabellerParams(_Strict):

@@ -8,7 +8,11 @@ Both go through one loop, :func:`fit`, over rows with a hard label, a soft label
   binary cross-entropy, and an epoch is one pass over the impressions.
 * even round N: one row per candidate of the round's partition; hard = kept (G = 1, B = 0),
   soft = the reward score min-max normalised within its (item, user group) list (a list of equal
-  scores gets 0.5), weight = 1; Eq 8 mixes the two cross-entropies with lambda_p.
+  scores gets 0.5), weight = 1; Eq 8 mixes the two cross-entropies with lambda_p, for the
+  paper's epochs (no ``min_steps`` floor: hundreds of steps on one round's few hundred
+  partition rows overwrite what the clicks taught and chase the reward model's errors).
+  With ``prompt.replay_logs`` the round first refits the previous model on every logged
+  creative's clicks, the generated ones that went online included, so real clicks anchor it.
 """
 
 from __future__ import annotations
@@ -23,11 +27,14 @@ import torch
 import torch.nn.functional as F
 
 from cg4ctr_tasks import storage
+from cg4ctr_tasks.catalog import captioned_creatives
 from cg4ctr_tasks.errors import UserError
 from cg4ctr_tasks.params import PromptParams
-from cg4ctr_tasks.prompts.features import UNSEEN, field_values, read_ctr_tables
+from cg4ctr_tasks.prompts.features import UNSEEN, field_values
 from cg4ctr_tasks.prompts.model import PromptModel, PromptModelConfig
 from cg4ctr_tasks.prompts.vocab import load_vocab
+from cg4ctr_tasks.reward.data import load_ctr
+from cg4ctr_tasks.rounds import round_info
 from cg4ctr_tasks.workspace import Workspace
 
 LOSS_WINDOW = 10  # steps averaged for the reported start / end loss
@@ -47,6 +54,7 @@ class TrainSummary:
     model_dir: str
     init_from: str | None
     rows: int
+    replay_rows: int  # even rounds with prompt.replay_logs: logged rows refitted first
     dropped_rows: int  # rows without any vocab token (no caption / empty prompt)
     steps: int
     loss_start: float
@@ -87,6 +95,7 @@ def fit(
     params: PromptParams,
     lambda_p: float,
     seed: int,
+    min_steps: int,
 ) -> FitResult:
     """Adam on batches drawn with probability proportional to ``weight`` (with replacement).
 
@@ -104,7 +113,7 @@ def fit(
     soft = torch.tensor(rows["soft"].to_numpy(dtype=np.float32))
     weight = torch.tensor(rows["weight"].to_numpy(dtype=np.float64))
     total = float(weight.sum())
-    steps = max(params.epochs * math.ceil(total / params.batch_size), params.min_steps)
+    steps = max(params.epochs * math.ceil(total / params.batch_size), min_steps)
     optimiser = torch.optim.Adam(model.parameters(), lr=params.learning_rate)
     losses: list[float] = []
     model.train()
@@ -152,15 +161,13 @@ def _finish(rows: pd.DataFrame, items: pd.DataFrame) -> tuple[pd.DataFrame, int]
     return rows[has_tokens].reset_index(drop=True), int((~has_tokens).sum())
 
 
-def bootstrap_rows(ws: Workspace) -> tuple[pd.DataFrame, int]:
-    """CTR-table rows joined with caption tokens; returns (rows, rows dropped without tokens)."""
-    ctr = read_ctr_tables(ws)
+def log_rows(ws: Workspace, before: str | None = None) -> tuple[pd.DataFrame, int]:
+    """CTR-table rows (days before ``before``) joined with the logged creatives' caption tokens,
+    generated ones included; returns (rows, rows dropped without tokens)."""
+    ctr = load_ctr(ws, by_group=True, before=before)
     ctr = ctr[ctr["impressions"] > 0]
-    captions_url = storage.join(ws.data, "captions.parquet")
-    if not storage.exists(captions_url):
-        raise UserError(f"{captions_url} not found: run `cg4ctr caption` first")
-    captions = storage.read_parquet(captions_url, columns=["creative_id", "tokens"])
-    rows = ctr.merge(captions.drop_duplicates("creative_id"), on="creative_id", how="left")
+    captions = captioned_creatives(ws)[["creative_id", "tokens"]]
+    rows = ctr.merge(captions, on="creative_id", how="left")
     rows["hard"] = rows["clicks"] / rows["impressions"]
     rows["soft"] = rows["hard"]
     rows["weight"] = rows["impressions"].astype(np.float64)
@@ -226,22 +233,27 @@ def train_prompt(ws: Workspace, round_id: int | None, force: bool = False) -> Tr
     mode = "bootstrap" if round_id is None else "round"
     init_from = None if round_id is None else ws.latest_model_dir("prompt", round_id)
     if not force and _is_saved_model(target):
-        return TrainSummary(mode, target_round, target, init_from, 0, 0, 0, 0.0, 0.0, 0.0, True)
+        return TrainSummary(mode, target_round, target, init_from, 0, 0, 0, 0, 0.0, 0.0, 0.0, True)
     started = time.perf_counter()
     params = ws.params.prompt
     seed = ws.params.seed * 1000 + target_round
     torch.manual_seed(seed)  # the fresh model's initial weights too: same inputs, same model
+    replayed = 0
     if round_id is None:
-        rows, dropped = bootstrap_rows(ws)
-        model, lambda_p = new_model(ws), 0.0  # soft = hard = CTR: plain impression-weighted CE
+        rows, dropped = log_rows(ws)
+        model, lambda_p, min_steps = new_model(ws), 0.0, params.min_steps  # soft = hard = CTR
     else:
         if init_from is None:
             raise UserError(
                 f"no prompt model before round {round_id}: run `cg4ctr train-prompt --bootstrap`"
             )
         rows, dropped = round_rows(ws, round_id, params.round_tokens)
-        model, lambda_p = PromptModel.from_pretrained(init_from), params.lambda_p
-    result = fit(model, rows, params, lambda_p, seed)
+        model, lambda_p, min_steps = PromptModel.from_pretrained(init_from), params.lambda_p, 0
+        if params.replay_logs:
+            replay, _ = log_rows(ws, before=round_info(ws, round_id).date)
+            replayed = len(replay)
+            fit(model, replay, params, 0.0, seed, params.min_steps)
+    result = fit(model, rows, params, lambda_p, seed, min_steps)
     model.save_pretrained(target)
     return TrainSummary(
         mode=mode,
@@ -249,6 +261,7 @@ def train_prompt(ws: Workspace, round_id: int | None, force: bool = False) -> Tr
         model_dir=target,
         init_from=init_from,
         rows=len(rows),
+        replay_rows=replayed,
         dropped_rows=dropped,
         steps=result.steps,
         loss_start=result.loss_start,

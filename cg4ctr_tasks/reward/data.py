@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from cg4ctr_tasks import storage
+from cg4ctr_tasks.catalog import captioned_creatives
 from cg4ctr_tasks.errors import UserError
 from cg4ctr_tasks.params import RewardParams
 from cg4ctr_tasks.workspace import Workspace
@@ -22,24 +23,29 @@ from cg4ctr_tasks.workspace import Workspace
 SPLITS = ("train", "val", "test")
 
 
-def _read_partitions(folder: str, what: str) -> pd.DataFrame:
+def _read_partitions(folder: str, what: str, before: str | None) -> pd.DataFrame:
     fs, path = storage.url_to_fs(folder)
     parts = sorted(fs.glob(f"{path}/dt=*.parquet")) if fs.exists(path) else []
+    if before is not None:  # dt=YYYY-MM-DD.parquet: ISO dates compare as strings
+        parts = [p for p in parts if p.rsplit("dt=", 1)[-1][:10] < before]
     if not parts:
         raise UserError(f"no {what} under {folder}: run `cg4ctr ingest` first")
     frames = [storage.read_parquet(f"{folder}/{p.rsplit('/', 1)[-1]}") for p in parts]
     return pd.concat(frames, ignore_index=True)
 
 
-def load_ctr(ws: Workspace, by_group: bool) -> pd.DataFrame:
-    """Impressions and clicks summed over every ingested day."""
+def load_ctr(ws: Workspace, by_group: bool, before: str | None = None) -> pd.DataFrame:
+    """Impressions and clicks summed over every ingested day (days before ``before`` only)."""
     if by_group:
-        raw = _read_partitions(storage.join(ws.data, "ctr"), "CTR tables (data/ctr/dt=*.parquet)")
+        raw = _read_partitions(
+            storage.join(ws.data, "ctr"), "CTR tables (data/ctr/dt=*.parquet)", before
+        )
         keys = ["item_id", "creative_id", "user_group"]
     else:
         raw = _read_partitions(
             storage.join(ws.data, "ctr", "creatives"),
             "per-creative CTR tables (data/ctr/creatives/dt=*.parquet)",
+            before,
         )
         keys = ["item_id", "creative_id"]
     summed = raw.groupby(keys, as_index=False)[["impressions", "clicks"]].sum()
@@ -114,16 +120,16 @@ class RewardData:
         return self.rows[self.rows["split"] == name].reset_index(drop=True)
 
 
-def build_reward_data(ws: Workspace, params: RewardParams) -> RewardData:
-    """The logged creatives' lists; targets are raw or Beta-smoothed CTRs (train-fitted prior)."""
+def build_reward_data(ws: Workspace, params: RewardParams, before: str | None = None) -> RewardData:
+    """The logged creatives' lists (originals and generated candidates that went online, logged
+    before the date ``before`` if given); targets are raw or Beta-smoothed CTRs."""
     by_group = params.user_group_token
-    ctr = load_ctr(ws, by_group)
+    ctr = load_ctr(ws, by_group, before)
     ctr = ctr[ctr["impressions"] >= max(params.min_impressions, 1)].reset_index(drop=True)
     if ctr.empty:
         raise UserError(f"no creative has >= {params.min_impressions} impressions")
-    creatives = storage.read_parquet(ws.creatives_table, columns=["creative_id", "image_uri"])
-    captions = read_captions(storage.join(ws.data, "captions.parquet"), "creative_id")
-    rows = attach_inputs(ws, ctr, captions, "creative_id", images=creatives)
+    catalog = captioned_creatives(ws)
+    rows = attach_inputs(ws, ctr, catalog, "creative_id", images=catalog)
     seed = ws.params.seed
     rows["split"] = [
         split_of(i, seed, params.val_fraction, params.test_fraction) for i in rows["item_id"]

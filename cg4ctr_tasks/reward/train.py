@@ -279,14 +279,17 @@ def train_reward(
     force: bool = False,
     model_dir: str | None = None,
     params: RewardParams | None = None,
+    before: str | None = None,
 ) -> dict[str, Any]:
     """Train theta_r on the logged creatives and save it to ``models/reward`` (or model_dir).
 
-    Skips when the folder already holds a model trained on the same data and params.
+    ``before`` (a round's date) limits the logs to earlier days, so re-running a past round's
+    refresh sees what that night saw. Skips when the folder already holds a model trained on
+    the same data and params.
     """
     params = params or ws.params.reward
     folder = model_dir or ws.model_dir("reward")
-    data = build_reward_data(ws, params)
+    data = build_reward_data(ws, params, before)
     fingerprint = _data_fingerprint(ws, params, data)
     config_path = storage.join(folder, CONFIG_NAME)
     if (
