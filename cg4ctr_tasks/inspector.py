@@ -6,7 +6,8 @@ inspector classifies a candidate from (product image, generated image, saliency 
 into LABELS; ``cg4ctr inspect --round N`` regenerates rejected candidates with new seeds up to
 ``inspector.max_attempts`` ("recurrent generation") before captioning and scoring.
 
-Model: the three images are stacked as 7 channels and cut into patches by a small CNN stem; the
+Model: the three images (and the product's mean colour) are stacked as channels and cut into
+patches by a small CNN stem; the
 generated image's caption (CLIP-interrogator vocab tokens, as ``cg4ctr caption`` writes them)
 is embedded per token; a transformer fuses [cls, patches, caption tokens] and the cls output is
 classified. Saved as ``config.json`` + ``model.safetensors`` in ``models/inspector/``.
@@ -52,7 +53,9 @@ LABELS = (
 )
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-CHANNELS = 7  # product RGB, generated RGB, saliency mask
+# Product RGB, generated RGB, saliency mask, and the product's mean colour (under the mask)
+# broadcast over the image: every pixel can be compared with the product's colour locally.
+CHANNELS = 10
 INSPECTION_COLUMNS = [
     "round",
     "candidate_id",
@@ -104,7 +107,7 @@ class InspectorConfig:
 
 
 class InspectorModel(nn.Module):
-    """(B, 7, S, S) images + (B, T) caption token ids -> (B, len(labels)) logits."""
+    """(B, CHANNELS, S, S) images + (B, T) caption token ids -> (B, len(labels)) logits."""
 
     def __init__(self, config: InspectorConfig) -> None:
         super().__init__()
@@ -207,6 +210,13 @@ class InputReader:
             self._cache[uri] = out
         return out
 
+    @staticmethod
+    def _stack(product: np.ndarray, generated: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        weight = (mask > 0.5).astype(np.float32)
+        colour = (product * weight).sum(axis=(1, 2)) / max(float(weight.sum()), 1.0)
+        flat = np.broadcast_to(colour[:, None, None], product.shape)
+        return np.concatenate([product, generated, mask, flat]).astype(np.float32)
+
     def captions(self, images: list[np.ndarray]) -> list[list[str]]:
         from cg4ctr_tasks.caption import Interrogator, load_clip
         from cg4ctr_tasks.prompts.vocab import load_vocab
@@ -227,7 +237,7 @@ class InputReader:
         """Stacked images, caption token ids and the captions (space-joined) of the rows."""
         generated = [self._image(u, cache=False) for u in image_uris]
         stacked = [
-            np.concatenate([self._image(p, True), g, self._image(m, True)[:1]])
+            self._stack(self._image(p, True), g, self._image(m, True)[:1])
             for p, g, m in zip(product_uris, generated, mask_uris, strict=True)
         ]
         pixels = [np.round(g.transpose(1, 2, 0) * 255).astype(np.uint8) for g in generated]
@@ -466,12 +476,19 @@ def inspect_round(
     state: dict[str, Any] = {"pipe": None, "regenerated": 0}
 
     def judge(rows: pd.DataFrame) -> pd.DataFrame:
-        images, tokens, captions = reader.read(
-            [products[i] for i in rows["item_id"]],
-            rows["image_uri"].tolist(),
-            [masks[i] for i in rows["item_id"]],
-        )
-        probs = model.probabilities(images, tokens, ip.batch_size)
+        """Captions, probabilities and label of each row, read batch by batch (bounded memory)."""
+        captions: list[str] = []
+        chunks = []
+        for start in range(0, len(rows), ip.batch_size):
+            chunk = rows.iloc[start : start + ip.batch_size]
+            images, tokens, texts = reader.read(
+                [products[i] for i in chunk["item_id"]],
+                chunk["image_uri"].tolist(),
+                [masks[i] for i in chunk["item_id"]],
+            )
+            chunks.append(model.probabilities(images, tokens, ip.batch_size))
+            captions += texts
+        probs = np.concatenate(chunks) if chunks else np.zeros((0, len(LABELS)))
         out = rows.copy()
         out["caption"] = captions
         out["label"] = [LABELS[i] for i in probs.argmax(axis=1)]
