@@ -25,14 +25,16 @@ def _round_caption_tables(ws: Workspace) -> list[str]:
     return [storage.join(ws.data, "rounds", *p.rsplit("/", 2)[-2:]) for p in found]
 
 
-def captioned_creatives(ws: Workspace) -> pd.DataFrame:
-    """creative_id, image_uri, caption, tokens of the originals and every round's candidates."""
+def captioned_creatives(ws: Workspace, columns: list[str] | None = None) -> pd.DataFrame:
+    """creative_id and ``columns`` (default: image_uri, caption, tokens) of the originals and
+    every round's candidates."""
+    columns = columns or CATALOG_COLUMNS[1:]
     originals = storage.join(ws.data, "captions.parquet")
     if not storage.exists(originals):
         raise UserError(f"captions table not found: {originals} (run `cg4ctr caption` first)")
-    frames = [storage.read_parquet(originals, columns=CATALOG_COLUMNS)]
+    frames = [storage.read_parquet(originals, columns=["creative_id", *columns])]
     for url in _round_caption_tables(ws):
-        table = storage.read_parquet(url, columns=["candidate_id", *CATALOG_COLUMNS[1:]])
+        table = storage.read_parquet(url, columns=["candidate_id", *columns])
         frames.append(table.rename(columns={"candidate_id": "creative_id"}))
     catalog = pd.concat(frames, ignore_index=True)
     return catalog.drop_duplicates("creative_id", keep="last").reset_index(drop=True)

@@ -363,10 +363,10 @@ def train_reward_cmd(
 ) -> None:
     """Train the reward model (Eq 14-17) on the CTR tables; epochs chosen on validation."""
     from cg4ctr_tasks.reward.train import train_reward
-    from cg4ctr_tasks.rounds import round_info
+    from cg4ctr_tasks.rounds import logs_before
 
     ws = _open(workspace)
-    before = None if round_id is None else round_info(ws, round_id).date
+    before = None if round_id is None else logs_before(ws, round_id)
     _emit(train_reward(ws, force, before=before), as_json, "reward model")
 
 

@@ -116,6 +116,12 @@ def round_for_date(ws: Workspace, logical_date: str) -> RoundInfo:
         return info
 
 
+def logs_before(ws: Workspace, round_id: int) -> str | None:
+    """The registered round's date: its models learn from the logs of earlier days only (None:
+    not in the ledger, all logs). Reading never registers a round."""
+    return next((info.date for info in read_ledger(ws) if info.id == round_id), None)
+
+
 def round_info(ws: Workspace, round_id: int) -> RoundInfo:
     """A round by id: from the ledger, or registered at its default date."""
     for info in read_ledger(ws):

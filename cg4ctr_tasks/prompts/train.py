@@ -34,7 +34,7 @@ from cg4ctr_tasks.prompts.features import UNSEEN, field_values
 from cg4ctr_tasks.prompts.model import PromptModel, PromptModelConfig
 from cg4ctr_tasks.prompts.vocab import load_vocab
 from cg4ctr_tasks.reward.data import load_ctr
-from cg4ctr_tasks.rounds import round_info
+from cg4ctr_tasks.rounds import logs_before
 from cg4ctr_tasks.workspace import Workspace
 
 LOSS_WINDOW = 10  # steps averaged for the reported start / end loss
@@ -166,7 +166,7 @@ def log_rows(ws: Workspace, before: str | None = None) -> tuple[pd.DataFrame, in
     generated ones included; returns (rows, rows dropped without tokens)."""
     ctr = load_ctr(ws, by_group=True, before=before)
     ctr = ctr[ctr["impressions"] > 0]
-    captions = captioned_creatives(ws)[["creative_id", "tokens"]]
+    captions = captioned_creatives(ws, ["tokens"])
     rows = ctr.merge(captions, on="creative_id", how="left")
     rows["hard"] = rows["clicks"] / rows["impressions"]
     rows["soft"] = rows["hard"]
@@ -250,7 +250,7 @@ def train_prompt(ws: Workspace, round_id: int | None, force: bool = False) -> Tr
         rows, dropped = round_rows(ws, round_id, params.round_tokens)
         model, lambda_p, min_steps = PromptModel.from_pretrained(init_from), params.lambda_p, 0
         if params.replay_logs:
-            replay, _ = log_rows(ws, before=round_info(ws, round_id).date)
+            replay, _ = log_rows(ws, before=logs_before(ws, round_id))
             replayed = len(replay)
             fit(model, replay, params, 0.0, seed, params.min_steps)
     result = fit(model, rows, params, lambda_p, seed, min_steps)

@@ -128,7 +128,7 @@ def build_reward_data(ws: Workspace, params: RewardParams, before: str | None = 
     ctr = ctr[ctr["impressions"] >= max(params.min_impressions, 1)].reset_index(drop=True)
     if ctr.empty:
         raise UserError(f"no creative has >= {params.min_impressions} impressions")
-    catalog = captioned_creatives(ws)
+    catalog = captioned_creatives(ws, ["image_uri", "caption"])
     rows = attach_inputs(ws, ctr, catalog, "creative_id", images=catalog)
     seed = ws.params.seed
     rows["split"] = [
