@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from cg4ctr_tasks.cycle import cg4ctr_command
+from cg4ctr_tasks.reward.data import build_reward_data
+from cg4ctr_tasks.workspace import Workspace
 
 pytestmark = pytest.mark.slow
 
@@ -95,6 +97,13 @@ def test_cycle_closes_the_loop_and_resumes_after_kill_9(tmp_path: Path) -> None:
     metrics = json.loads((clean / "data/rounds/round-002/metrics.json").read_text())
     assert 0.0 < metrics["true_ctr"] < 1.0
     assert (clean / "data/report.html").exists()
+
+    # round 2's reward refresh learned from the clicks on round 1's generated creatives
+    ws = Workspace.open(clean)
+    history = build_reward_data(ws, ws.params.reward, before=ledger[0]["date"])
+    refreshed = json.loads((clean / "models/reward/config.json").read_text())["extra"]["summary"]
+    assert sum(refreshed["rows"].values()) > len(history.rows)
+    assert not history.rows["creative_id"].str.contains("-r001-").any()
     tags = subprocess.run(["git", "tag"], cwd=clean, capture_output=True, text=True).stdout
     assert tags.split() == ["round-000", "round-001", "round-002"]
 
