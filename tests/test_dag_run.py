@@ -52,6 +52,7 @@ def test_nightly_dag_runs_a_round_and_versions_it(tmp_path: Path) -> None:
         "saliency",
         "prompts.parquet",
         "candidates.parquet",
+        "inspection.parquet",
         "captions.parquet",
         "scores.parquet",
         "partition.parquet",
