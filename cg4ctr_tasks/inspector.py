@@ -6,8 +6,8 @@ inspector classifies a candidate from (product image, generated image, saliency 
 into LABELS; ``cg4ctr inspect --round N`` regenerates rejected candidates with new seeds up to
 ``inspector.max_attempts`` ("recurrent generation") before captioning and scoring.
 
-Model: the three images (and the product's mean colour) are stacked as channels and cut into
-patches by a small CNN stem; the
+Model: the three images, plus maps of each pixel's colour distance to the product and distance
+from it, are stacked as channels and cut into patches by a small CNN stem; the
 generated image's caption (CLIP-interrogator vocab tokens, as ``cg4ctr caption`` writes them)
 is embedded per token; a transformer fuses [cls, patches, caption tokens] and the cls output is
 classified. Saved as ``config.json`` + ``model.safetensors`` in ``models/inspector/``.
@@ -53,9 +53,9 @@ LABELS = (
 )
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-# Product RGB, generated RGB, saliency mask, and the product's mean colour (under the mask)
-# broadcast over the image: every pixel can be compared with the product's colour locally.
-CHANNELS = 10
+# Product RGB, generated RGB, saliency mask, and two maps that make the failures local: each
+# pixel's colour distance to the product's mean colour, and its distance from the product.
+CHANNELS = 9
 INSPECTION_COLUMNS = [
     "round",
     "candidate_id",
@@ -115,9 +115,9 @@ class InspectorModel(nn.Module):
         hidden = config.hidden
         patches = (config.image_size // config.patch_size) ** 2
         self.stem = nn.Sequential(
-            nn.Conv2d(CHANNELS, hidden, 3, padding=1),
+            nn.Conv2d(CHANNELS, hidden, 3, stride=2, padding=1),  # half resolution: CPU-cheap
             nn.GELU(),
-            nn.Conv2d(hidden, hidden, config.patch_size, stride=config.patch_size),
+            nn.Conv2d(hidden, hidden, config.patch_size // 2, stride=config.patch_size // 2),
         )
         self.patch_position = nn.Parameter(torch.randn(patches, hidden) * 0.02)
         self.token_embedding = nn.Embedding(len(config.tokens) + 1, hidden, padding_idx=PAD)
@@ -212,10 +212,14 @@ class InputReader:
 
     @staticmethod
     def _stack(product: np.ndarray, generated: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        weight = (mask > 0.5).astype(np.float32)
-        colour = (product * weight).sum(axis=(1, 2)) / max(float(weight.sum()), 1.0)
-        flat = np.broadcast_to(colour[:, None, None], product.shape)
-        return np.concatenate([product, generated, mask, flat]).astype(np.float32)
+        from scipy import ndimage
+
+        inside = mask[0] > 0.5
+        colour = product[:, inside].mean(axis=1) if inside.any() else product.mean(axis=(1, 2))
+        to_colour = np.linalg.norm(generated - colour[:, None, None], axis=0) / np.sqrt(3.0)
+        away = ndimage.distance_transform_edt(~inside) / inside.shape[0] if inside.any() else 1.0
+        maps = np.stack([to_colour, np.broadcast_to(away, inside.shape)])
+        return np.concatenate([product, generated, mask, maps]).astype(np.float32)
 
     def captions(self, images: list[np.ndarray]) -> list[list[str]]:
         from cg4ctr_tasks.caption import Interrogator, load_clip
@@ -277,10 +281,24 @@ def _digest(table: pd.DataFrame, ip: InspectorParams) -> str:
     return hashlib.sha256((spec + ip.model_dump_json()).encode()).hexdigest()
 
 
+def _balanced_accuracy(
+    model: InspectorModel,
+    images: torch.Tensor,
+    tokens: torch.Tensor,
+    y: torch.Tensor,
+    idx: torch.Tensor,
+) -> float:
+    """Mean recall over the classes present: a model that calls everything available scores
+    1 / classes however rare the failures are."""
+    predicted = model.probabilities(images[idx], tokens[idx], len(idx)).argmax(axis=1)
+    truth = y[idx].numpy()
+    return float(np.mean([(predicted[truth == c] == c).mean() for c in np.unique(truth)]))
+
+
 def train_inspector(ws: Workspace, force: bool = False) -> TrainSummary:
-    """Fit the inspector on the labelled table; the epoch with the lowest loss on held-out
-    items is kept. Classes are weighted by inverse frequency to ``inspector.class_weight_power``
-    (failures are the rare classes)."""
+    """Fit the inspector on the labelled table (random horizontal flips); the epoch with the
+    best balanced accuracy on held-out items is kept. Classes are weighted by inverse frequency
+    to ``inspector.class_weight_power`` (failures are the rare classes)."""
     from cg4ctr_tasks.prompts.vocab import load_vocab
 
     started = time.perf_counter()
@@ -347,24 +365,17 @@ def train_inspector(ws: Workspace, force: bool = False) -> TrainSummary:
         total = 0.0
         for start in range(0, len(order), ip.batch_size):
             batch = order[start : start + ip.batch_size]
-            loss = F.cross_entropy(model(images[batch], tokens[batch]), y[batch], weight=weight)
+            flip = torch.rand(len(batch), generator=generator) < 0.5  # labels are mirror-free
+            pixels = torch.where(flip[:, None, None, None], images[batch].flip(-1), images[batch])
+            loss = F.cross_entropy(model(pixels, tokens[batch]), y[batch], weight=weight)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
             total += float(loss.detach()) * len(batch)
         losses.append(total / max(1, len(order)))
-        if len(val_idx):
-            model.eval()
-            with torch.no_grad():
-                val_loss = float(
-                    F.cross_entropy(
-                        model(images[val_idx], tokens[val_idx]), y[val_idx], weight=weight
-                    )
-                )
-        else:
-            val_loss = losses[-1]
-        if best is None or val_loss < best[0]:
-            best = (val_loss, epoch, {k: v.clone() for k, v in model.state_dict().items()})
+        score = _balanced_accuracy(model, images, tokens, y, val_idx if len(val_idx) else train_idx)
+        if best is None or score >= best[0]:
+            best = (score, epoch, {k: v.clone() for k, v in model.state_dict().items()})
     assert best is not None
     model.load_state_dict(best[2])
     val_accuracy = None

@@ -206,9 +206,14 @@ class InspectorParams(_Strict):
 
     @model_validator(mode="after")
     def _shapes(self) -> InspectorParams:
-        if self.image_size % self.patch_size or self.hidden % self.fusion_heads:
+        if (
+            self.image_size % self.patch_size
+            or self.patch_size % 2
+            or self.hidden % self.fusion_heads
+        ):
             raise ValueError(
-                "inspector: image_size must be a multiple of patch_size and hidden of fusion_heads"
+                "inspector: image_size must be a multiple of patch_size (even), hidden of "
+                "fusion_heads"
             )
         return self
 
