@@ -4,7 +4,8 @@ The cluster is what DESIGN.md section 5 deploys, on localhost: PostgreSQL (metad
 Redis (Celery broker) on free ports with their data in temp folders, installed with apt-get when
 missing; then ``airflow db migrate``, the ``gpu`` and ``dvc`` pools, and the api-server,
 scheduler, dag-processor and a Celery worker serving the ``default`` and ``gpu`` queues. Tests
-drive it through the public REST API with a JWT from the auth endpoint. Everything started here
+drive it through the public REST API with a JWT from the auth endpoint, or through the
+``airflow`` CLI against its metadata DB (``airflow backfill create``). Everything started here
 is stopped here, on failure too: each process runs in its own session and is ended by its id.
 """
 
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,15 +183,28 @@ class AirflowApi:
             time.sleep(1)
         raise TimeoutError(f"{service.name} not healthy after {timeout_s} s\n{service.tail()}")
 
-    def wait_for_dag(self, dag_id: str, timeout_s: float = 240) -> None:
-        """Wait until the dag-processor has parsed and serialised ``dag_id``."""
+    def wait_for_dag(
+        self,
+        dag_id: str,
+        timeout_s: float = 240,
+        until: Callable[[dict[str, Any]], bool] = lambda details: True,
+    ) -> dict[str, Any]:
+        """Wait until the dag-processor has serialised ``dag_id`` (and, with ``until``, a parse
+        whose details pass it: e.g. a new schedule after params.yaml changed); its details."""
         deadline = time.monotonic() + timeout_s
+        details: dict[str, Any] = {}
         while time.monotonic() < deadline:
-            if self.request("GET", f"/api/v2/dags/{dag_id}/details").status_code == 200:
-                return
+            resp = self.request("GET", f"/api/v2/dags/{dag_id}/details")
+            if resp.status_code == 200:
+                details = resp.json()
+                if until(details):
+                    return details
             time.sleep(2)
         errors = self.call("GET", "/api/v2/importErrors")
-        raise TimeoutError(f"DAG {dag_id} not parsed after {timeout_s} s; import errors: {errors}")
+        raise TimeoutError(
+            f"DAG {dag_id} not parsed as expected after {timeout_s} s: {details}; "
+            f"import errors: {errors}"
+        )
 
     def unpause(self, dag_id: str) -> None:
         self.call("PATCH", f"/api/v2/dags/{dag_id}", json={"is_paused": False})
@@ -202,11 +216,28 @@ class AirflowApi:
         else:
             self.call("POST", "/api/v2/pools", json=body)
 
-    def trigger(self, dag_id: str, logical_date: str, conf: dict[str, Any] | None = None) -> str:
-        """Create a DAG run for a logical date (``YYYY-MM-DD``, midnight UTC); its run id."""
-        body = {"logical_date": f"{logical_date}T00:00:00Z", "conf": conf or {}}
+    def trigger(
+        self, dag_id: str, logical_date: str | None, conf: dict[str, Any] | None = None
+    ) -> str:
+        """Create a DAG run for a logical date (``YYYY-MM-DD``, midnight UTC; None: a dateless
+        run, which Airflow starts whatever the DAG's start_date); its run id."""
+        body = {
+            "logical_date": None if logical_date is None else f"{logical_date}T00:00:00Z",
+            "conf": conf or {},
+        }
         run = self.call("POST", f"/api/v2/dags/{dag_id}/dagRuns", json=body)
         return str(run["dag_run_id"])
+
+    def runs(self, dag_id: str) -> list[dict[str, Any]]:
+        """Every run of ``dag_id``, oldest logical date first."""
+        path = f"/api/v2/dags/{dag_id}/dagRuns"
+        found = self.call("GET", path, params={"limit": 1000, "order_by": "logical_date"})
+        return list(found["dag_runs"])
+
+    def delete_run(self, dag_id: str, run_id: str) -> None:
+        resp = self.request("DELETE", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")
+        if resp.is_error:
+            raise RuntimeError(f"deleting {dag_id} {run_id}: {resp.status_code} {resp.text[:500]}")
 
     def wait_for_run(
         self, dag_id: str, run_id: str, timeout_s: float, services: tuple[Service, ...] = ()
@@ -385,21 +416,61 @@ def redis(port: int, logs: Path) -> Iterator[str]:
 # --- the CeleryExecutor cluster ----------------------------------------------------------------
 
 
+# No schedule: runs start only when triggered, so unpausing the nightly never starts a run of its
+# own beside the triggered ones.
+MANUAL = "airflow:\n  schedule: null\n"
+
+
+def tiny_params(folder: Path, airflow: str = MANUAL) -> Path:
+    """A workspace folder with the cycle tests' tiny sizes plus an ``airflow`` section."""
+    from tests.test_cycle import TINY  # here, not at import: pytest rewrites it as a test module
+
+    folder.mkdir(parents=True)
+    (folder / "params.yaml").write_text(TINY + airflow)
+    return folder
+
+
+def sim_workspace(folder: Path, seed: int, airflow: str = MANUAL) -> Path:
+    """A tiny simulated world in ``folder`` (see ``tiny_params``)."""
+    from cg4ctr_tasks.sim.world import init_world
+    from cg4ctr_tasks.workspace import Workspace
+
+    init_world(Workspace.open(tiny_params(folder, airflow)), seed=seed)
+    return folder
+
+
 @dataclass
 class CeleryCluster:
     api: AirflowApi
     dags: Path
-    workspace: Path
+    workspace: Path  # what $CG4CTR_WORKSPACE names: a link to the workspace in use
+    env: dict[str, str]
     services: list[Service]
 
     def logs(self) -> str:
         return "\n".join(service.tail() for service in self.services)
 
-    def run_dag(self, dag_id: str, logical_date: str, timeout_s: float) -> tuple[str, str]:
-        """Trigger ``dag_id`` for a date and wait; (run id, terminal state)."""
+    def use_workspace(self, folder: Path) -> None:
+        """Point the deployment at another workspace, between runs: the link is replaced
+        atomically and every task and DAG parse resolves it when it starts."""
+        staged = self.workspace.with_name(f"{self.workspace.name}.new")
+        staged.unlink(missing_ok=True)
+        staged.symlink_to(folder.resolve(), target_is_directory=True)
+        os.replace(staged, self.workspace)
+
+    def airflow(self, *args: str) -> str:
+        """The ``airflow`` CLI against this deployment's metadata DB; its stdout."""
+        return run([AIRFLOW, *args], env=self.env)
+
+    def run_dag(self, dag_id: str, logical_date: str | None, timeout_s: float) -> tuple[str, str]:
+        """Trigger ``dag_id`` for a date (None: dateless) and wait; (run id, terminal state)."""
         run_id = self.api.trigger(dag_id, logical_date)
+        return run_id, self.wait(dag_id, run_id, timeout_s)
+
+    def wait(self, dag_id: str, run_id: str, timeout_s: float) -> str:
+        """Wait for a run however it was created; its terminal state (the logs on time-out)."""
         try:
-            return run_id, self.api.wait_for_run(dag_id, run_id, timeout_s, tuple(self.services))
+            return self.api.wait_for_run(dag_id, run_id, timeout_s, tuple(self.services))
         except TimeoutError as exc:
             raise TimeoutError(f"{exc}\n{self.logs()}") from None
 
@@ -409,7 +480,8 @@ def celery_cluster(root: Path, workspace: Path) -> Iterator[CeleryCluster]:
     """Postgres + Redis + api-server, scheduler, dag-processor and a Celery worker.
 
     The DAG folder holds copies of the project's DAGs and the probe DAG; workers find the
-    workspace in ``$CG4CTR_WORKSPACE`` and the CLI in ``$CG4CTR_BIN`` (this venv's).
+    workspace through ``$CG4CTR_WORKSPACE`` (a link to ``workspace``, see ``use_workspace``) and
+    the CLI in ``$CG4CTR_BIN`` (this venv's).
     """
     dags = root / "dags"
     dags.mkdir(parents=True, exist_ok=True)
@@ -417,6 +489,8 @@ def celery_cluster(root: Path, workspace: Path) -> Iterator[CeleryCluster]:
         shutil.copy(source, dags / source.name)
     (dags / "cg4ctr_probe.py").write_text(PROBE_DAG)
     logs = root / "logs"
+    link = root / "workspace"
+    link.symlink_to(workspace.resolve(), target_is_directory=True)
     api_port = free_port()
     with postgres(free_port()) as db_url, redis(free_port(), logs) as broker_url:
         env = airflow_env(
@@ -432,7 +506,7 @@ def celery_cluster(root: Path, workspace: Path) -> Iterator[CeleryCluster]:
             dag_processor__refresh_interval="5",
             scheduler__scheduler_heartbeat_sec="2",
         )
-        env.update({"CG4CTR_WORKSPACE": str(workspace), "CG4CTR_BIN": str(BIN / "cg4ctr")})
+        env.update({"CG4CTR_WORKSPACE": str(link), "CG4CTR_BIN": str(BIN / "cg4ctr")})
         run([AIRFLOW, "db", "migrate"], env=env)
         commands = {
             "api-server": [AIRFLOW, "api-server"],
@@ -462,7 +536,7 @@ def celery_cluster(root: Path, workspace: Path) -> Iterator[CeleryCluster]:
             api.login()
             api.set_pool("gpu", 1)
             api.set_pool("dvc", 1)
-            yield CeleryCluster(api, dags, workspace, services)
+            yield CeleryCluster(api, dags, link, env, services)
         finally:
             for service in reversed(services):
                 service.stop()
@@ -470,13 +544,8 @@ def celery_cluster(root: Path, workspace: Path) -> Iterator[CeleryCluster]:
 
 @pytest.fixture(scope="session")
 def airflow_celery(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CeleryCluster]:
-    """One CeleryExecutor cluster for all Celery tests, with an empty small-world workspace."""
+    """One CeleryExecutor cluster for all Celery tests, pointed at a workspace holding only a
+    params.yaml (the DAGs parse); tests build worlds with ``sim_workspace`` and switch to them."""
     root = tmp_path_factory.mktemp("celery-cluster")
-    workspace = root / "workspace"
-    workspace.mkdir()
-    # no schedule: unpausing a DAG must not start a run of its own beside the triggered ones
-    (workspace / "params.yaml").write_text(
-        "world:\n  items: 6\n  days: 2\nairflow:\n  schedule: null\n"
-    )
-    with celery_cluster(root, workspace) as cluster:
+    with celery_cluster(root, tiny_params(root / "workspaces" / "initial")) as cluster:
         yield cluster
