@@ -15,7 +15,6 @@ re-run.
 from __future__ import annotations
 
 import hashlib
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -84,23 +83,18 @@ def make_candidate_id(item_id: str, round_id: int, group: str, index: int) -> st
     return storage.safe_id(item_id + suffix, "candidate_id")
 
 
-def local_dir(url: str) -> str:
-    """``from_pretrained`` needs a local folder: copy an object-store folder to a temp dir."""
-    if not storage.is_remote(url):
-        return url
-    fs, path = storage.url_to_fs(url)
-    local = tempfile.mkdtemp(prefix="cg4ctr-lora-")
-    fs.get(path.rstrip("/") + "/", local + "/", recursive=True)
-    return local
-
-
 def load_pipeline(
-    gp: GenerateParams, device: str | None = None, lora_dir: str | None = None
+    gp: GenerateParams,
+    device: str | None = None,
+    lora_dir: str | None = None,
+    compile_unet: bool = False,
 ) -> Any:
     """The base inpainting pipeline (path, hub id or "sim"), the params' scheduler, the LoRA.
 
-    On CUDA: half precision per ``generate.dtype``, channels-last UNet/VAE; attention runs on
-    PyTorch SDPA (diffusers' default processor). On CPU everything stays float32.
+    On CUDA: half precision per ``generate.dtype``, channels-last UNet/VAE and, with
+    ``compile_unet`` (inference only: the generate stage passes ``generate.compile``), a
+    compiled UNet; attention runs on PyTorch SDPA (diffusers' default processor).
+    On CPU everything stays float32 and eager.
     """
     import diffusers
     import torch
@@ -118,11 +112,13 @@ def load_pipeline(
     scheduler_class = getattr(diffusers, SCHEDULERS[gp.scheduler])
     pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
     if lora_dir is not None:
-        pipe.load_lora_weights(local_dir(lora_dir))
+        pipe.load_lora_weights(storage.local_copy(lora_dir))
     pipe = pipe.to(device)
     if device.startswith("cuda"):
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
+        if compile_unet:
+            pipe.unet = torch.compile(pipe.unet)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -303,7 +299,7 @@ def generate_round(
                 state["reused"] += len(batch)
                 continue
             if state["pipe"] is None:
-                pipe = load_pipeline(gp, lora_dir=lora_dir)
+                pipe = load_pipeline(gp, lora_dir=lora_dir, compile_unet=gp.compile)
                 state.update(pipe=pipe, device=str(pipe.device))
             images = inpaint_batch(
                 state["pipe"],

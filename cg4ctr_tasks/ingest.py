@@ -24,14 +24,12 @@ row key (for the duplicate check) are kept for the whole date.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import gzip
 import hashlib
 import io
 import json
 import re
-import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -718,7 +716,7 @@ def ingest_date(
 
     quarantine = ws.quarantine(day)
     docs = storage.join(quarantine, "data_docs", "index.html")
-    with _staging(quarantine) as stage:
+    with storage.staged_dir(quarantine, last="summary.json") as stage:
         run = _Run(ws, day, stage)
         reports = {
             f.name: FileReport(f.name, f.format + (".gz" if f.gzip else ""), f.size) for f in files
@@ -793,23 +791,6 @@ def ingest_date(
         raise UserError(error)
     storage.write_text(summary_path(ws, day), text)
     return summary
-
-
-@contextlib.contextmanager
-def _staging(target: str) -> Iterator[Path]:
-    """A local folder that replaces ``target`` when the block ends without an exception:
-    atomically by rename when local, by remove + upload on an object store."""
-    if not storage.is_remote(target):
-        with storage.atomic_local_path(target) as path:
-            path.mkdir(parents=True)
-            yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="cg4ctr-quarantine-") as tmp:
-        yield Path(tmp)
-        fs, remote = storage.url_to_fs(target)
-        if fs.exists(remote):
-            fs.rm(remote, recursive=True)
-        fs.put(f"{tmp}/", remote, recursive=True)
 
 
 def partition_dates(ws: Workspace, logs: str | None = None) -> list[str]:

@@ -113,6 +113,7 @@ class GenerateParams(_Strict):
     scheduler: Literal["ddim", "ddpm", "euler", "dpm", "lcm"]
     batch_size: int = Field(ge=1)
     dtype: Literal["float32", "float16", "bfloat16"]
+    compile: bool
     default_prompt: list[str] = Field(min_length=1)
     shard_size: int = Field(ge=1)
     train: GeneratorTrainParams

@@ -8,6 +8,7 @@ path before it has been checked.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import re
@@ -203,5 +204,75 @@ def write_png(url: str | Path, array: np.ndarray) -> None:
     write_bytes(url, encode_png(array))
 
 
-def temp_dir(prefix: str = "cg4ctr-") -> str:
-    return tempfile.mkdtemp(prefix=prefix)
+@contextlib.contextmanager
+def staged_dir(target: str | Path, last: str | None = None) -> Iterator[Path]:
+    """Yield a local folder that replaces the folder ``target`` when the block succeeds.
+
+    Locally: an atomic rename (:func:`atomic_local_path`). On an object store there is no
+    folder rename, so the old objects are removed and the folder is uploaded, the file named
+    ``last`` after all others: readers that test for ``last`` never see a half-uploaded folder
+    as complete. Writers stage locally because ``save_pretrained``/``save_file``/GE Data Docs
+    write to local paths only.
+    """
+    if not is_remote(target):
+        with atomic_local_path(target) as path:
+            path.mkdir(parents=True)
+            yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="cg4ctr-stage-") as tmp:
+        yield Path(tmp)
+        fs, remote = url_to_fs(target)
+        remote = remote.rstrip("/")
+        if fs.exists(remote):
+            fs.rm(remote, recursive=True)
+        files = sorted(p for p in Path(tmp).rglob("*") if p.is_file())
+        final = [p for p in files if last is not None and p.name == last and p.parent == Path(tmp)]
+        rest = [p for p in files if p not in final]
+        for group in (rest, final):
+            if group:
+                fs.put(
+                    [str(p) for p in group],
+                    [f"{remote}/{p.relative_to(tmp).as_posix()}" for p in group],
+                )
+
+
+LOCAL_CACHE_ENV = "CG4CTR_LOCAL_CACHE"
+
+
+def local_cache_root() -> Path:
+    """Machine-local cache of object-store folders: ``$CG4CTR_LOCAL_CACHE`` or
+    ``~/.cache/cg4ctr`` (a per-machine path, like ``HF_HOME``, so not a workspace param)."""
+    configured = os.environ.get(LOCAL_CACHE_ENV)
+    return Path(configured) if configured else Path.home() / ".cache" / "cg4ctr"
+
+
+def local_copy(url: str | Path) -> str:
+    """A local folder holding the folder ``url`` (``url`` itself when local).
+
+    ``from_pretrained``, ``load_lora_weights`` and safetensors' ``load_file`` read local
+    files only. An object-store folder is downloaded once per content (key: its URL and each
+    object's name, size and ETag) into :func:`local_cache_root`, so the many shards a worker
+    runs share one copy and a folder overwritten in place is fetched again.
+    """
+    if not is_remote(url):
+        return str(url)
+    fs, path = url_to_fs(url)
+    path = path.rstrip("/")
+    fs.invalidate_cache(path)  # a listing cached earlier in this process may be stale
+    listing = fs.find(path, detail=True)
+    if not listing:
+        raise RejectedInput(f"{url}: no such folder")
+    digest = hashlib.sha256(str(url).encode())
+    for name in sorted(listing):
+        info = listing[name]
+        digest.update(f"\0{name}\0{info.get('size')}\0{info.get('ETag', '')}".encode())
+    target = local_cache_root() / "folders" / digest.hexdigest()[:32]
+    if not target.is_dir():
+        with atomic_local_path(target) as tmp:
+            tmp.mkdir()
+            names = sorted(listing)
+            local = [tmp / n[len(path) + 1 :] for n in names]
+            for file in local:
+                file.parent.mkdir(parents=True, exist_ok=True)
+            fs.get(names, [str(file) for file in local])
+    return str(target)

@@ -26,7 +26,7 @@ import pandas as pd
 
 from cg4ctr_tasks import storage
 from cg4ctr_tasks.errors import UserError
-from cg4ctr_tasks.generate import load_pipeline, local_dir
+from cg4ctr_tasks.generate import load_pipeline
 from cg4ctr_tasks.params import LoraParams
 from cg4ctr_tasks.sim.train_generator import (
     LatentSet,
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+SUMMARY_NAME = "train_summary.json"  # written last: marks a complete adapter folder
 
 # An objective maps (example indices, random generator) to a scalar loss.
 Objective = Callable[["torch.Tensor", "torch.Generator"], "torch.Tensor"]
@@ -77,7 +78,10 @@ def add_lora(unet: Any, lp: LoraParams, previous: str | None = None) -> None:
         unet.add_adapter(config)
     else:
         unet.load_lora_adapter(
-            local_dir(previous), prefix="unet", adapter_name="default", weight_name=WEIGHTS_NAME
+            storage.local_copy(previous),
+            prefix="unet",
+            adapter_name="default",
+            weight_name=WEIGHTS_NAME,
         )
     for name, param in unet.named_parameters():
         if "lora_" in name:
@@ -230,7 +234,7 @@ def train_lora(
     if method not in ("sft", "preference"):
         raise UserError(f"unknown LoRA method {method!r}; use 'sft' or 'preference'")
     out = ws.model_dir("lora", round_id)
-    summary_path = storage.join(out, "train_summary.json")
+    summary_path = storage.join(out, SUMMARY_NAME)
     if not force and storage.exists(storage.join(out, WEIGHTS_NAME)):
         if storage.exists(summary_path):
             return LoraSummary(**{**json.loads(storage.read_bytes(summary_path)), "reused": True})
@@ -285,14 +289,8 @@ def train_lora(
         reused=False,
         seconds=round(time.perf_counter() - started, 2),
     )
-    if storage.is_remote(out):
-        local = storage.temp_dir()
-        _write_adapter(pipe.unet, local, summary)
-        fs, path = storage.url_to_fs(out)
-        fs.put(local + "/", path.rstrip("/") + "/", recursive=True)
-    else:
-        with storage.atomic_local_path(out) as tmp:
-            _write_adapter(pipe.unet, str(tmp), summary)
+    with storage.staged_dir(out, last=SUMMARY_NAME) as tmp:
+        _write_adapter(pipe.unet, str(tmp), summary)
     return summary
 
 
@@ -300,4 +298,4 @@ def _write_adapter(unet: Any, folder: str, summary: LoraSummary) -> None:
     save_adapter(unet, folder)
     doc = summary.as_dict()
     doc.pop("reused")
-    storage.write_text(storage.join(folder, "train_summary.json"), json.dumps(doc, indent=2))
+    storage.write_text(storage.join(folder, SUMMARY_NAME), json.dumps(doc, indent=2))

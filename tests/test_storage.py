@@ -135,3 +135,39 @@ def test_png_roundtrip_is_exact(tmp_path: Path) -> None:
     np.testing.assert_array_equal(
         storage.read_image_array(str(tmp_path / "x.png"), 10**6, 10**6), array
     )
+
+
+def test_staged_dir_on_s3_replaces_the_folder_only_on_success(s3_endpoint: str) -> None:
+    from tests.fixtures_s3 import S3_BUCKET
+
+    folder = f"s3://{S3_BUCKET}/staged/model"
+    with storage.staged_dir(folder, last="config.json") as tmp:
+        (tmp / "weights.bin").write_bytes(b"v1")
+        (tmp / "config.json").write_text("{}")
+    with pytest.raises(RuntimeError), storage.staged_dir(folder) as tmp:
+        (tmp / "weights.bin").write_bytes(b"half-written")
+        raise RuntimeError("crash while saving")
+    assert storage.read_bytes(storage.join(folder, "weights.bin")) == b"v1"
+    with storage.staged_dir(folder, last="config.json") as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "weights.bin").write_bytes(b"v2")
+        (tmp / "config.json").write_text("{}")
+    assert not storage.exists(storage.join(folder, "weights.bin"))  # old objects removed
+    assert storage.read_bytes(storage.join(folder, "sub", "weights.bin")) == b"v2"
+
+
+def test_local_copy_of_an_s3_folder_is_cached_by_content(
+    s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.fixtures_s3 import S3_BUCKET
+
+    monkeypatch.setenv(storage.LOCAL_CACHE_ENV, str(tmp_path / "cache"))
+    folder = f"s3://{S3_BUCKET}/local-copy/lora"
+    storage.write_bytes(storage.join(folder, "a", "weights.bin"), b"one")
+    first = storage.local_copy(folder)
+    assert Path(first, "a", "weights.bin").read_bytes() == b"one"
+    assert storage.local_copy(folder) == first  # the shards of one worker share a copy
+    storage.write_bytes(storage.join(folder, "a", "weights.bin"), b"two")
+    second = storage.local_copy(folder)
+    assert second != first and Path(second, "a", "weights.bin").read_bytes() == b"two"
+    assert storage.local_copy(tmp_path) == str(tmp_path)  # local folders are used in place

@@ -10,9 +10,7 @@ interactions (where "group g likes token t" lives) and a deep MLP. Saved as ``co
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -108,21 +106,13 @@ class PromptModel(nn.Module):
         return torch.sigmoid(self(fields, tokens)).numpy().astype(np.float64)
 
     def save_pretrained(self, url: str) -> None:
-        """Write config.json + model.safetensors into ``url`` (replaced atomically when local)."""
+        """Write config.json + model.safetensors into ``url`` (staged locally; the config,
+        which marks a complete save, is uploaded last on an object store)."""
         config = json.dumps(asdict(self.config), indent=2, sort_keys=True)
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        if not storage.is_remote(url):
-            with storage.atomic_local_path(url) as tmp:
-                tmp.mkdir()
-                save_file(state, str(tmp / WEIGHTS_NAME))
-                (tmp / CONFIG_NAME).write_text(config, "utf-8")
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            save_file(state, f"{tmp}/{WEIGHTS_NAME}")
-            storage.write_bytes(
-                storage.join(url, WEIGHTS_NAME), Path(tmp, WEIGHTS_NAME).read_bytes()
-            )
-        storage.write_text(storage.join(url, CONFIG_NAME), config)  # last: marks a complete save
+        with storage.staged_dir(url, last=CONFIG_NAME) as tmp:
+            save_file(state, str(tmp / WEIGHTS_NAME))
+            (tmp / CONFIG_NAME).write_text(config, "utf-8")
 
     @classmethod
     def from_pretrained(cls, url: str) -> PromptModel:

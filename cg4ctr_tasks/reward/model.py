@@ -11,7 +11,6 @@ simulated world's fixed random image encoder).
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,18 +129,10 @@ class RewardModel(nn.Module):
         return Encoders(text, image, params, limits, cache)
 
     def save_pretrained(self, folder: str, encoders: Encoders, finetuned: bool) -> None:
-        """Write the folder (atomically when local; uploaded after a local write for object
-        stores); the encoders are saved unless referenced by path."""
-        if storage.is_remote(folder):
-            with tempfile.TemporaryDirectory(prefix="cg4ctr-reward-") as staging:
-                local = str(Path(staging) / "model")
-                self.save_pretrained(local, encoders, finetuned)
-                fs, path = storage.url_to_fs(folder)
-                fs.put(local + "/", path, recursive=True)
-            return
+        """Write the folder (staged locally: renamed into place, or uploaded with the
+        weights last); the encoders are saved unless referenced by path."""
         cfg = self.config
-        with storage.atomic_local_path(folder) as tmp:
-            tmp.mkdir(parents=True)
+        with storage.staged_dir(folder, last=WEIGHTS_NAME) as tmp:
             text_ref, image_ref = cfg.text_encoder, cfg.image_checkpoint
             if finetuned:
                 encoders.text.save_pretrained(str(tmp / TEXT_FOLDER))
@@ -176,11 +167,6 @@ class RewardModel(nn.Module):
 
 def local_folder(folder: str) -> str:
     """A local copy of a model folder on an object store (the folder itself when local)."""
-    if not storage.is_remote(folder):
-        return folder
     if not storage.exists(storage.join(folder, CONFIG_NAME)):
         raise UserError(f"no reward model in {folder}: run `cg4ctr train-reward` first")
-    fs, path = storage.url_to_fs(folder)
-    local = tempfile.mkdtemp(prefix="cg4ctr-reward-")
-    fs.get(path + "/", local + "/", recursive=True)
-    return local
+    return storage.local_copy(folder)
