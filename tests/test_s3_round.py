@@ -20,30 +20,15 @@ from cg4ctr_tasks.cycle import cg4ctr_command
 from cg4ctr_tasks.errors import UserError
 from cg4ctr_tasks.versioning import MANIFEST, restore_round, version_round
 from cg4ctr_tasks.workspace import Workspace
+from tests.test_cycle import TINY
 
 pytestmark = pytest.mark.integration
 
-TINY = """\
+S3_STORAGE = """\
 storage:
   url: {url}
 versioning:
   remote: {remote}
-world:
-  items: 3
-  days: 2
-  user_groups: [g0, g1]
-generate:
-  candidates: 3
-  steps: 3
-  batch_size: 8
-lora:
-  steps: 3
-reward:
-  epochs: 2
-prompt:
-  epochs: 1
-rounds:
-  round-001: {{id: 1, prev: round-000, mode: lora}}
 """
 
 
@@ -86,7 +71,9 @@ def test_a_round_runs_on_s3_and_restores_from_object_versions(
     root = tmp_path / "ws"
     root.mkdir()
     url = "s3://cg4ctr-round/prefix"
-    (root / "params.yaml").write_text(TINY.format(url=url, remote="s3://cg4ctr-round/dvc"))
+    (root / "params.yaml").write_text(
+        S3_STORAGE.format(url=url, remote="s3://cg4ctr-round/dvc") + TINY
+    )
     _cg4ctr(root, "sim", "init", "--seed", "5")
     _cg4ctr(root, "cycle", "--rounds", "1")
 
