@@ -257,52 +257,61 @@ def _batches(rows: pd.DataFrame, sizes: dict[str, tuple[int, int]], limit: int) 
             start = end
 
 
-def generate_round(
-    ws: Workspace, round_id: int, shard: Shard | None = None, force: bool = False
-) -> GenerateSummary:
-    """Generate (this shard's share of) the round's candidates; merge when all parts exist."""
-    started = time.perf_counter()
-    gp = ws.params.generate
-    limits = ws.params.storage
-    plan, skipped = plan_candidates(ws, round_id)
-    if plan.empty:
-        raise UserError(f"round {round_id}: nothing to generate (no items with saliency masks)")
-    items = storage.read_parquet(ws.items_table, columns=["item_id", "image_uri"])
-    item_uri = dict(zip(items["item_id"].astype(str), items["image_uri"].astype(str), strict=True))
-    masks = _saliency_masks(ws, round_id, sorted(set(plan["item_id"])))
-    lora_dir = ws.latest_model_dir("lora", round_id)
-    state: dict[str, Any] = {"pipe": None, "generated": 0, "reused": 0, "device": "none"}
+class Inpainter:
+    """The round's pipeline (loaded on first use) and the batch loop that ``generate`` and
+    ``inspect`` (recurrent generation) share: rows' images are inpainted and written."""
 
-    def source(item_id: str) -> tuple[np.ndarray, np.ndarray]:
+    def __init__(self, ws: Workspace, round_id: int, item_ids: list[str]) -> None:
+        self.ws, self.gp, self.limits = ws, ws.params.generate, ws.params.storage
+        items = storage.read_parquet(ws.items_table, columns=["item_id", "image_uri"])
+        self.item_uri = dict(
+            zip(items["item_id"].astype(str), items["image_uri"].astype(str), strict=True)
+        )
+        self.masks = _saliency_masks(ws, round_id, item_ids)
+        self.lora_dir = ws.latest_model_dir("lora", round_id)
+        self.pipe: Any = None
+        self.generated = self.reused = 0
+
+    @property
+    def device(self) -> str:
+        return "none" if self.pipe is None else str(self.pipe.device)
+
+    def source(self, item_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """The product image and its binary saliency mask."""
         image = storage.read_image_array(
-            ws.resolve(item_uri[item_id]), limits.max_image_bytes, limits.max_image_pixels
+            self.ws.resolve(self.item_uri[item_id]),
+            self.limits.max_image_bytes,
+            self.limits.max_image_pixels,
         )
         mask = storage.read_image_array(
-            masks[item_id], limits.max_image_bytes, limits.max_image_pixels
+            self.masks[item_id], self.limits.max_image_bytes, self.limits.max_image_pixels
         )
         if mask.shape != image.shape:
-            raise UserError(f"{masks[item_id]}: mask size {mask.shape} != image {image.shape}")
+            raise UserError(f"{self.masks[item_id]}: mask size {mask.shape} != image {image.shape}")
         return image, mask[..., 0] > 127
 
-    def process(rows: range) -> pd.DataFrame:
-        part = plan.iloc[rows.start : rows.stop]
-        sources = {item_id: source(item_id) for item_id in part["item_id"].unique()}
+    def run(self, rows: pd.DataFrame, force: bool) -> None:
+        """Inpaint ``rows`` (item_id, prompt, seed, image_uri) and write their images.
+
+        Batches are cut from all of ``rows``, never from the images still missing: a batch's
+        composition changes its pixels by float rounding, so a resumed run must rebuild the
+        same batches to end with the same images. A batch whose images all exist is reused
+        unless ``force``.
+        """
+        gp = self.gp
+        sources = {item_id: self.source(item_id) for item_id in rows["item_id"].unique()}
         sizes = {k: (v[0].shape[1], v[0].shape[0]) for k, v in sources.items()}
-        # Batches are cut from the whole part, never from the images still missing: a batch's
-        # composition changes its pixels by float rounding, so a resumed run must rebuild the
-        # same batches to end with the same images. A batch whose images all exist is reused.
-        for batch in _batches(part, sizes, gp.batch_size):
+        for batch in _batches(rows, sizes, gp.batch_size):
             if not force and all(
-                _valid_image(ws.resolve(uri), sizes[item], ws)
+                _valid_image(self.ws.resolve(uri), sizes[item], self.ws)
                 for uri, item in zip(batch["image_uri"], batch["item_id"], strict=True)
             ):
-                state["reused"] += len(batch)
+                self.reused += len(batch)
                 continue
-            if state["pipe"] is None:
-                pipe = load_pipeline(gp, lora_dir=lora_dir, compile_unet=gp.compile)
-                state.update(pipe=pipe, device=str(pipe.device))
+            if self.pipe is None:
+                self.pipe = load_pipeline(gp, lora_dir=self.lora_dir, compile_unet=gp.compile)
             images = inpaint_batch(
-                state["pipe"],
+                self.pipe,
                 [sources[i][0] for i in batch["item_id"]],
                 [sources[i][1] for i in batch["item_id"]],
                 batch["prompt"].tolist(),
@@ -311,8 +320,24 @@ def generate_round(
                 gp.guidance_scale,
             )
             for uri, image in zip(batch["image_uri"], images, strict=True):
-                storage.write_png(ws.resolve(uri), image)
-            state["generated"] += len(batch)
+                storage.write_png(self.ws.resolve(uri), image)
+            self.generated += len(batch)
+
+
+def generate_round(
+    ws: Workspace, round_id: int, shard: Shard | None = None, force: bool = False
+) -> GenerateSummary:
+    """Generate (this shard's share of) the round's candidates; merge when all parts exist."""
+    started = time.perf_counter()
+    gp = ws.params.generate
+    plan, skipped = plan_candidates(ws, round_id)
+    if plan.empty:
+        raise UserError(f"round {round_id}: nothing to generate (no items with saliency masks)")
+    inpainter = Inpainter(ws, round_id, sorted(set(plan["item_id"])))
+
+    def process(rows: range) -> pd.DataFrame:
+        part = plan.iloc[rows.start : rows.stop]
+        inpainter.run(part, force)
         return part.reset_index(drop=True)
 
     run = run_parts(
@@ -332,16 +357,16 @@ def generate_round(
     seconds = time.perf_counter() - started
     return GenerateSummary(
         round=round_id,
-        device=state["device"],
-        lora=lora_dir,
+        device=inpainter.device,
+        lora=inpainter.lora_dir,
         candidates=len(plan),
-        generated=state["generated"],
-        reused=state["reused"],
+        generated=inpainter.generated,
+        reused=inpainter.reused,
         parts_total=run.parts_total,
         parts_written=run.parts_written,
         parts_skipped=run.parts_skipped,
         complete=run.merged is not None,
         skipped_items=skipped,
         seconds=round(seconds, 2),
-        images_per_s=round(state["generated"] / seconds, 3) if seconds > 0 else 0.0,
+        images_per_s=round(inpainter.generated / seconds, 3) if seconds > 0 else 0.0,
     )

@@ -460,18 +460,10 @@ def inspect_round(
     caption, score and select see the inspected creatives. Re-running ``generate`` restores
     the first attempts; re-running ``inspect`` after it restores the final ones.
     """
-    from cg4ctr_tasks.generate import (
-        CANDIDATE_COLUMNS,
-        _batches,
-        _saliency_masks,
-        _valid_image,
-        inpaint_batch,
-        load_pipeline,
-        plan_candidates,
-    )
+    from cg4ctr_tasks.generate import CANDIDATE_COLUMNS, Inpainter, plan_candidates
 
     started = time.perf_counter()
-    ip, gp, limits = ws.params.inspector, ws.params.generate, ws.params.storage
+    ip = ws.params.inspector
     round_dir = ws.round_dir(round_id)
     candidates_path = storage.join(round_dir, "candidates.parquet")
     if not ip.enabled:
@@ -482,9 +474,8 @@ def inspect_round(
     model = InspectorModel.from_pretrained(ws.model_dir("inspector"))
     reader = InputReader(ws, model.config)
     products = item_images(ws)
-    masks = _saliency_masks(ws, round_id, sorted(set(plan["item_id"])))
-    lora_dir = ws.latest_model_dir("lora", round_id)
-    state: dict[str, Any] = {"pipe": None, "regenerated": 0}
+    inpainter = Inpainter(ws, round_id, sorted(set(plan["item_id"])))
+    masks = inpainter.masks
 
     def judge(rows: pd.DataFrame) -> pd.DataFrame:
         """Captions, probabilities and label of each row, read batch by batch (bounded memory)."""
@@ -507,38 +498,6 @@ def inspect_round(
             out[f"p_{label}"] = probs[:, j].astype(np.float64)
         return out
 
-    def regenerate(rows: pd.DataFrame) -> None:
-        sources: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for item_id in rows["item_id"].unique():
-            image = storage.read_image_array(
-                ws.resolve(products[item_id]), limits.max_image_bytes, limits.max_image_pixels
-            )
-            mask = storage.read_image_array(
-                masks[item_id], limits.max_image_bytes, limits.max_image_pixels
-            )
-            sources[item_id] = (image, mask[..., 0] > 127)
-        sizes = {k: (v[0].shape[1], v[0].shape[0]) for k, v in sources.items()}
-        for batch in _batches(rows, sizes, gp.batch_size):
-            if all(
-                _valid_image(ws.resolve(uri), sizes[item], ws)
-                for uri, item in zip(batch["image_uri"], batch["item_id"], strict=True)
-            ):
-                continue
-            if state["pipe"] is None:
-                state["pipe"] = load_pipeline(gp, lora_dir=lora_dir)
-            images = inpaint_batch(
-                state["pipe"],
-                [sources[i][0] for i in batch["item_id"]],
-                [sources[i][1] for i in batch["item_id"]],
-                batch["prompt"].tolist(),
-                batch["seed"].tolist(),
-                gp.steps,
-                gp.guidance_scale,
-            )
-            for uri, image in zip(batch["image_uri"], images, strict=True):
-                storage.write_png(ws.resolve(uri), image)
-            state["regenerated"] += len(batch)
-
     def process(rows: range) -> pd.DataFrame:
         part = plan.iloc[rows.start : rows.stop].reset_index(drop=True)
         attempts = [judge(part.assign(attempt=0))]
@@ -551,7 +510,7 @@ def inspect_round(
                 seed=[retry_seed(s, attempt) for s in pending["seed"]],
                 image_uri=[attempt_uri(u, attempt) for u in pending["image_uri"]],
             ).reset_index(drop=True)
-            regenerate(retry)
+            inpainter.run(retry, force=False)
             judged = judge(retry)
             attempts.append(judged)
             pending = judged.loc[judged["label"] != LABELS[0], CANDIDATE_COLUMNS]
@@ -607,7 +566,7 @@ def inspect_round(
         round=round_id,
         enabled=True,
         candidates=len(plan),
-        regenerated=state["regenerated"],
+        regenerated=inpainter.generated,
         parts_total=run.parts_total,
         parts_written=run.parts_written,
         parts_skipped=run.parts_skipped,
