@@ -29,12 +29,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from cg4ctr_tasks import storage
+from cg4ctr_tasks.checkpoints import CONFIG_NAME, load_checkpoint, save_checkpoint
 from cg4ctr_tasks.errors import UserError
 from cg4ctr_tasks.params import InspectorParams
 from cg4ctr_tasks.prompts.features import PAD, encode_token_sets
@@ -51,8 +50,6 @@ LABELS = (
     "indistinctive",
     "shape_hallucination",
 )
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 # Product RGB, generated RGB, saliency mask, and two maps that make the failures local: each
 # pixel's colour distance to the product's mean colour, and its distance from the product.
 CHANNELS = 9
@@ -156,27 +153,19 @@ class InspectorModel(nn.Module):
         return torch.cat(out).numpy() if out else np.zeros((0, len(self.config.labels)))
 
     def save_pretrained(self, url: str) -> None:
-        """config.json + model.safetensors, staged locally (config uploaded last on S3)."""
-        config = json.dumps(asdict(self.config), indent=2, sort_keys=True)
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        with storage.staged_dir(url, last=CONFIG_NAME) as tmp:
-            save_file(state, str(tmp / WEIGHTS_NAME))
-            (tmp / CONFIG_NAME).write_text(config, "utf-8")
+        save_checkpoint(self, self.config, url)
 
     @classmethod
     def from_pretrained(cls, url: str) -> InspectorModel:
-        config_url, weights_url = storage.join(url, CONFIG_NAME), storage.join(url, WEIGHTS_NAME)
-        if not (storage.exists(config_url) and storage.exists(weights_url)):
-            raise UserError(
-                f"no availability inspector in {url} ({CONFIG_NAME} + {WEIGHTS_NAME}): "
-                "run `cg4ctr train-inspector` first"
-            )
+        fields, state = load_checkpoint(
+            url, "availability inspector", ": run `cg4ctr train-inspector` first"
+        )
         try:
-            config = InspectorConfig(**json.loads(storage.read_bytes(config_url)))
+            config = InspectorConfig(**fields)
         except (TypeError, ValueError) as exc:
-            raise UserError(f"{config_url}: invalid inspector config ({exc})") from None
+            raise UserError(f"{url}: invalid availability inspector config ({exc})") from None
         model = cls(config)
-        model.load_state_dict(load_safetensors(storage.read_bytes(weights_url)))
+        model.load_state_dict(state)
         model.eval()
         return model
 

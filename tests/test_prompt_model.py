@@ -116,7 +116,7 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     assert loaded.predict_ctr(queries, [["blue", "dim"]]) == pytest.approx(
         model.predict_ctr(queries, [["blue", "dim"]])
     )
-    with pytest.raises(UserError, match="not a prompt model"):
+    with pytest.raises(UserError, match="no prompt model in"):
         PromptModel.from_pretrained(str(tmp_path / "missing"))
 
 

@@ -9,22 +9,17 @@ interactions (where "group g likes token t" lives) and a deep MLP. Saved as ``co
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save_file
 from torch import nn
 
-from cg4ctr_tasks import storage
+from cg4ctr_tasks.checkpoints import load_checkpoint, save_checkpoint
 from cg4ctr_tasks.errors import UserError
 from cg4ctr_tasks.prompts.features import PAD, QUERY_FIELDS, encode_fields, encode_token_sets
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 INIT_STD = 0.1
 
 
@@ -106,25 +101,16 @@ class PromptModel(nn.Module):
         return torch.sigmoid(self(fields, tokens)).numpy().astype(np.float64)
 
     def save_pretrained(self, url: str) -> None:
-        """Write config.json + model.safetensors into ``url`` (staged locally; the config,
-        which marks a complete save, is uploaded last on an object store)."""
-        config = json.dumps(asdict(self.config), indent=2, sort_keys=True)
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        with storage.staged_dir(url, last=CONFIG_NAME) as tmp:
-            save_file(state, str(tmp / WEIGHTS_NAME))
-            (tmp / CONFIG_NAME).write_text(config, "utf-8")
+        save_checkpoint(self, self.config, url)
 
     @classmethod
     def from_pretrained(cls, url: str) -> PromptModel:
-        config_url = storage.join(url, CONFIG_NAME)
-        weights_url = storage.join(url, WEIGHTS_NAME)
-        if not (storage.exists(config_url) and storage.exists(weights_url)):
-            raise UserError(f"{url}: not a prompt model ({CONFIG_NAME} + {WEIGHTS_NAME})")
+        fields, state = load_checkpoint(url, "prompt model")
         try:
-            config = PromptModelConfig(**json.loads(storage.read_bytes(config_url)))
+            config = PromptModelConfig(**fields)
         except (TypeError, ValueError) as exc:
-            raise UserError(f"{config_url}: invalid prompt model config ({exc})") from None
+            raise UserError(f"{url}: invalid prompt model config ({exc})") from None
         model = cls(config)
-        model.load_state_dict(load_safetensors(storage.read_bytes(weights_url)))
+        model.load_state_dict(state)
         model.eval()
         return model
