@@ -134,6 +134,15 @@ def fit_adapter(
     return losses
 
 
+def _adapter_metadata(unet: Any) -> dict[str, Any]:
+    """peft's adapter config with ``target_modules`` sorted: peft keeps it as a set, whose
+    order (hash-seeded per process) would make the same weights' file differ byte for byte."""
+    meta: dict[str, Any] = unet.peft_config["default"].to_dict()
+    if isinstance(meta.get("target_modules"), set | list | tuple):
+        meta["target_modules"] = sorted(meta["target_modules"])
+    return meta
+
+
 def save_adapter(unet: Any, folder: str) -> None:
     """The diffusers LoRA file (peft keys, ``unet.`` prefix) + its adapter config metadata."""
     from diffusers import StableDiffusionInpaintPipeline
@@ -142,7 +151,7 @@ def save_adapter(unet: Any, folder: str) -> None:
     StableDiffusionInpaintPipeline.save_lora_weights(
         folder,
         unet_lora_layers=get_peft_model_state_dict(unet),
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        unet_lora_adapter_metadata=_adapter_metadata(unet),
         weight_name=WEIGHTS_NAME,
     )
 
