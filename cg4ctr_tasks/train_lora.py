@@ -16,9 +16,11 @@ its examples are pairs, and ``examples`` in the summary counts them.
 from __future__ import annotations
 
 import json
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -154,6 +156,19 @@ def save_adapter(unet: Any, folder: str) -> None:
         unet_lora_adapter_metadata=_adapter_metadata(unet),
         weight_name=WEIGHTS_NAME,
     )
+    _canonical_header(Path(folder) / WEIGHTS_NAME)
+
+
+def _canonical_header(path: Path) -> None:
+    """Rewrite the safetensors header with sorted keys, same length: safetensors writes the
+    ``__metadata__`` map in hash order, so identical weights would differ byte for byte."""
+    with open(path, "r+b") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(size))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+        if len(text) <= size:  # the format allows trailing spaces in the header
+            handle.seek(8)
+            handle.write(text.ljust(size, b" "))
 
 
 def read_round(ws: Workspace, round_id: int) -> pd.DataFrame:
