@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from typing import Any
+from typing import Any, TypeVar
 
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
@@ -20,6 +20,7 @@ from cg4ctr_tasks.errors import UserError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+C = TypeVar("C")
 
 
 def save_checkpoint(module: nn.Module, config: Any, url: str) -> None:
@@ -31,15 +32,13 @@ def save_checkpoint(module: nn.Module, config: Any, url: str) -> None:
         (tmp / CONFIG_NAME).write_text(text, "utf-8")
 
 
-def load_checkpoint(url: str, what: str, missing_hint: str = "") -> tuple[dict[str, Any], Any]:
-    """(config fields, weights) from the folder ``url``; a clear error names what is wrong."""
+def load_checkpoint(url: str, config_type: type[C], what: str, hint: str = "") -> tuple[C, Any]:
+    """(config, weights) from the folder ``url``; a clear error names what is wrong."""
     config_url, weights_url = storage.join(url, CONFIG_NAME), storage.join(url, WEIGHTS_NAME)
     if not (storage.exists(config_url) and storage.exists(weights_url)):
-        raise UserError(f"no {what} in {url} ({CONFIG_NAME} + {WEIGHTS_NAME}){missing_hint}")
+        raise UserError(f"no {what} in {url} ({CONFIG_NAME} + {WEIGHTS_NAME}){hint}")
     try:
-        fields = json.loads(storage.read_bytes(config_url))
-    except ValueError as exc:
-        raise UserError(f"{config_url}: invalid {what} config ({exc})") from None
-    if not isinstance(fields, dict):
-        raise UserError(f"{config_url}: invalid {what} config (not an object)")
-    return fields, load_safetensors(storage.read_bytes(weights_url))
+        config = config_type(**json.loads(storage.read_bytes(config_url)))
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{url}: invalid {what} config ({exc})") from None
+    return config, load_safetensors(storage.read_bytes(weights_url))

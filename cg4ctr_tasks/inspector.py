@@ -157,13 +157,9 @@ class InspectorModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, url: str) -> InspectorModel:
-        fields, state = load_checkpoint(
-            url, "availability inspector", ": run `cg4ctr train-inspector` first"
+        config, state = load_checkpoint(
+            url, InspectorConfig, "availability inspector", ": run `cg4ctr train-inspector` first"
         )
-        try:
-            config = InspectorConfig(**fields)
-        except (TypeError, ValueError) as exc:
-            raise UserError(f"{url}: invalid availability inspector config ({exc})") from None
         model = cls(config)
         model.load_state_dict(state)
         model.eval()

@@ -105,11 +105,7 @@ class PromptModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, url: str) -> PromptModel:
-        fields, state = load_checkpoint(url, "prompt model")
-        try:
-            config = PromptModelConfig(**fields)
-        except (TypeError, ValueError) as exc:
-            raise UserError(f"{url}: invalid prompt model config ({exc})") from None
+        config, state = load_checkpoint(url, PromptModelConfig, "prompt model")
         model = cls(config)
         model.load_state_dict(state)
         model.eval()
