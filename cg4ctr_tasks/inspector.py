@@ -37,6 +37,7 @@ from cg4ctr_tasks.checkpoints import CONFIG_NAME, load_checkpoint, save_checkpoi
 from cg4ctr_tasks.errors import UserError
 from cg4ctr_tasks.params import InspectorParams
 from cg4ctr_tasks.prompts.features import PAD, encode_token_sets
+from cg4ctr_tasks.reward.model import fusion_encoder
 from cg4ctr_tasks.shards import Shard, run_parts
 from cg4ctr_tasks.workspace import Workspace
 
@@ -120,15 +121,9 @@ class InspectorModel(nn.Module):
         self.token_embedding = nn.Embedding(len(config.tokens) + 1, hidden, padding_idx=PAD)
         self.caption_type = nn.Parameter(torch.randn(hidden) * 0.02)
         self.cls = nn.Parameter(torch.randn(hidden) * 0.02)
-        layer = nn.TransformerEncoderLayer(
-            hidden,
-            config.fusion_heads,
-            dim_feedforward=2 * hidden,
-            dropout=config.dropout,
-            batch_first=True,
-            norm_first=True,
+        self.fusion = fusion_encoder(
+            hidden, config.fusion_heads, config.fusion_layers, config.dropout
         )
-        self.fusion = nn.TransformerEncoder(layer, config.fusion_layers, enable_nested_tensor=False)
         self.head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, len(config.labels)))
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,19 @@ TEXT_FOLDER = "text_encoder"
 MODALITIES = ("title", "caption", "image")
 
 
+def fusion_encoder(width: int, heads: int, layers: int, dropout: float) -> nn.TransformerEncoder:
+    """The pre-norm transformer that fuses modality tokens (reward model, inspector)."""
+    layer = nn.TransformerEncoderLayer(
+        width,
+        heads,
+        dim_feedforward=2 * width,
+        dropout=dropout,
+        batch_first=True,
+        norm_first=True,
+    )
+    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+
 @dataclass(frozen=True)
 class RewardConfig:
     text_encoder: str  # params value, or TEXT_FOLDER when saved inside the model folder
@@ -73,15 +86,9 @@ class RewardModel(nn.Module):
             nn.Embedding(len(config.user_groups), hidden) if config.user_groups else None
         )
         self.slot_embedding = nn.Parameter(torch.randn(n_tokens, hidden) * 0.02)
-        layer = nn.TransformerEncoderLayer(
-            hidden,
-            config.fusion_heads,
-            dim_feedforward=2 * hidden,
-            dropout=config.dropout,
-            batch_first=True,
-            norm_first=True,
+        self.fusion = fusion_encoder(
+            hidden, config.fusion_heads, config.fusion_layers, config.dropout
         )
-        self.fusion = nn.TransformerEncoder(layer, config.fusion_layers, enable_nested_tensor=False)
         self.head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 1))
 
     def group_index(self, groups: list[str]) -> torch.Tensor:
