@@ -5,7 +5,9 @@ logs, captions its creatives, trains the full model and the ablations on the tra
 (epochs chosen on validation), and prints top-1..5 uplift on the held-out items (logged clicks,
 bootstrap 95 % CI for top-1, and the oracle's true CTR) and MSE, for:
 full, pointwise-only (lambda_r=1), listwise-only (lambda_r=0), image-only, random ranker, and
-the full model with the listwise temperature set to the training mean CTR.
+the full model with the listwise temperature set to the training mean CTR. Then the full model
+minus each other ranker, top-1, with a paired bootstrap 95 % interval (both rankers scored on the
+same resampled lists), per world and pooled over all worlds.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.reward_eval [--items 240] [--world-seeds 3 4]
 
@@ -26,7 +28,9 @@ import numpy as np
 
 from cg4ctr_tasks.caption import caption_creatives
 from cg4ctr_tasks.ingest import ingest
-from cg4ctr_tasks.reward.evaluate import MAX_K, eval_reward, evaluate_scores, held_out_rows
+from cg4ctr_tasks.reward import metrics
+from cg4ctr_tasks.reward.evaluate import MAX_K, evaluate_scores, held_out_rows, oracle_ctr
+from cg4ctr_tasks.reward.score import load_reward, predict
 from cg4ctr_tasks.reward.train import train_reward
 from cg4ctr_tasks.sim.world import init_world
 from cg4ctr_tasks.workspace import Workspace
@@ -55,27 +59,71 @@ def prepare(root: Path, items: int, creatives: int, days: int, seed: int) -> Wor
     return ws
 
 
-def run(ws: Workspace) -> dict[str, dict[str, Any]]:
+Sums = dict[str, dict[str, metrics.TopKSums]]  # ranker -> {"logged" | "oracle": sums}
+
+
+def run(ws: Workspace) -> tuple[dict[str, dict[str, Any]], Sums]:
+    """Every ranker's figures on the test split, and its top-k sums for paired comparisons."""
     results: dict[str, dict[str, Any]] = {}
     base = ws.params.reward
+    rows, by_group = held_out_rows(ws, base)
+    truth = oracle_ctr(ws, rows, by_group)
+    ones = np.ones(len(rows))
+
+    def sums(scores: np.ndarray) -> dict[str, metrics.TopKSums]:
+        def of(clicks: Any, impressions: Any) -> metrics.TopKSums:
+            return metrics.topk_sums(
+                rows["list_id"], rows["creative_id"], scores, clicks, impressions, MAX_K
+            )
+
+        return {"logged": of(rows["clicks"], rows["impressions"]), "oracle": of(truth, ones)}
+
+    rankers: Sums = {}
     for name, update in VARIANTS.items():
         params = base.model_copy(update=update)
         folder = str(ws.root / "models" / f"reward-{name.replace(' ', '').replace(',', '-')}")
         started = time.perf_counter()
         summary = train_reward(ws, model_dir=folder, params=params)
-        figures = eval_reward(ws, model_dir=folder, params=params)
+        model, encoders, _ = load_reward(ws, folder)
+        scores = predict(model, encoders, rows, params.batch_size)
+        figures = evaluate_scores(ws, rows, scores, by_group, params)
         figures["train_seconds"] = time.perf_counter() - started
         figures["best_epoch"] = summary["best_epoch"]
-        results[name] = figures
+        results[name], rankers[name] = figures, sums(scores)
         print(
             f"  {name}: top1 {figures['top1']:.4f}, best epoch {summary['best_epoch']}, "
             f"{figures['train_seconds']:.0f} s",
             flush=True,
         )
-    rows, by_group = held_out_rows(ws, base)
     scores = np.random.default_rng(ws.params.seed).random(len(rows))
     results["random"] = evaluate_scores(ws, rows, scores, by_group, base, with_mse=False)
-    return results
+    rankers["random"] = sums(scores)
+    return results, rankers
+
+
+def paired_margins(rankers: Sums, samples: int, seed: int) -> dict[str, dict[str, list[float]]]:
+    """Full minus each other ranker, top-1, in points: [difference, low, high] per yardstick."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for name, other in rankers.items():
+        if name == "full":
+            continue
+        out[name] = {}
+        for yardstick in ("logged", "oracle"):
+            point, low, high = metrics.paired_difference(
+                rankers["full"][yardstick], other[yardstick], samples, seed
+            )
+            out[name][yardstick] = [round(100 * float(v[0]), 2) for v in (point, low, high)]
+    return out
+
+
+def _print_margins(title: str, margins: dict[str, dict[str, list[float]]]) -> None:
+    print(f"{title}: full minus ranker, top-1 uplift points [paired 95 % CI]")
+    for name, m in margins.items():
+        logged, oracle = m["logged"], m["oracle"]
+        print(
+            f"  {name:17s} logged {logged[0]:+6.2f} [{logged[1]:+6.2f},{logged[2]:+6.2f}]"
+            f"   oracle {oracle[0]:+6.2f} [{oracle[1]:+6.2f},{oracle[2]:+6.2f}]"
+        )
 
 
 def _row(name: str, figures: dict[str, Any]) -> str:
@@ -95,15 +143,22 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     parser.add_argument("--root", type=Path, default=None, help="keep/reuse worlds here")
     args = parser.parse_args()
-    everything = {}
+    everything: dict[str, Any] = {}
+    pooled: dict[str, dict[str, list[metrics.TopKSums]]] = {}
+    samples = 0
     with tempfile.TemporaryDirectory(prefix="cg4ctr-reward-eval-") as tmp:
         for seed in args.world_seeds:
             root = (
                 args.root or Path(tmp)
             ) / f"world-{args.items}-{args.creatives}-{args.days}-{seed}"
             ws = prepare(root, args.items, args.creatives, args.days, seed)
-            results = run(ws)
-            everything[seed] = results
+            results, rankers = run(ws)
+            samples = ws.params.reward.bootstrap_samples
+            margins = paired_margins(rankers, samples, ws.params.seed)
+            everything[str(seed)] = {"rankers": results, "full_minus": margins}
+            for name, by in rankers.items():
+                for yardstick, part in by.items():
+                    pooled.setdefault(name, {}).setdefault(yardstick, []).append(part)
             first = next(iter(results.values()))
             print(
                 f"\nworld seed {seed}; test split: {first['lists']} lists "
@@ -116,9 +171,15 @@ def main() -> None:
             )
             for name, figures in results.items():
                 print(_row(name, figures))
-            full = results["full"]["top1"]
-            margins = {n: 100 * (full - r["top1"]) for n, r in results.items() if n != "full"}
-            print("full minus ablation, top-1 (points):", json.dumps(margins))
+            _print_margins(f"world seed {seed}", margins)
+    if len(args.world_seeds) > 1:
+        joined = {
+            name: {y: metrics.concat_sums(parts) for y, parts in by.items()}
+            for name, by in pooled.items()
+        }
+        margins = paired_margins(joined, samples, 0)
+        everything["pooled"] = {"world_seeds": args.world_seeds, "full_minus": margins}
+        _print_margins(f"\nall {len(args.world_seeds)} worlds pooled", margins)
     if args.out:
         args.out.write_text(json.dumps(everything, indent=2, default=float))
 

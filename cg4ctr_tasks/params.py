@@ -41,6 +41,8 @@ class WorldParams(_Strict):
     impressions_per_day: int = Field(ge=1)
     epsilon: float = Field(ge=0.0, le=1.0)
     base_ctr: float = Field(gt=0.0, lt=1.0)
+    category_hue_shift: float = Field(ge=0.0, le=0.5)
+    category_brightness_shift: float = Field(ge=0.0, le=1.0)
 
 
 class IngestParams(_Strict):

@@ -106,6 +106,52 @@ def test_bootstrap_interval_is_deterministic_and_brackets_the_estimate() -> None
     assert low[2] == pytest.approx(0.0) and high[2] == pytest.approx(0.0)  # top-3 = everything
 
 
+def _noisy_lists(n: int, seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame(
+        {
+            "list": np.repeat(np.arange(n), 3).astype(str),
+            "creative": np.tile(["x", "y", "z"], n),
+            "impressions": rng.integers(50, 200, 3 * n),
+        }
+    )
+    frame["clicks"] = rng.binomial(frame["impressions"], 0.05)
+    return frame
+
+
+def _sums(frame: pd.DataFrame, scores: np.ndarray) -> metrics.TopKSums:
+    return metrics.topk_sums(
+        frame["list"],
+        frame["creative"],
+        scores,
+        frame["clicks"].to_numpy(),
+        frame["impressions"].to_numpy(),
+        2,
+    )
+
+
+def test_paired_difference_cancels_shared_noise() -> None:
+    frame = _noisy_lists(80, seed=2)
+    ctr = (frame["clicks"] / frame["impressions"]).to_numpy()
+    rng = np.random.default_rng(3)
+    good = _sums(frame, ctr + rng.normal(0, 0.002, len(frame)))
+    worse = _sums(frame, ctr + rng.normal(0, 0.02, len(frame)))
+    point, low, high = metrics.paired_difference(good, worse, 400, seed=1)
+    separate = metrics.uplift_from_sums(good) - metrics.uplift_from_sums(worse)
+    assert np.allclose(point, separate)
+    assert low[0] <= point[0] <= high[0]
+    # the same lists resampled for both: a gap smaller than either interval's width is resolved
+    own_low, own_high = metrics.bootstrap_interval(good, 400, seed=1)
+    assert low[0] > 0 and high[0] - low[0] < own_high[0] - own_low[0]
+    same, same_low, same_high = metrics.paired_difference(good, good, 100, seed=1)
+    assert np.all(same == 0) and np.all(same_low == 0) and np.all(same_high == 0)
+    with pytest.raises(UserError, match="same lists"):
+        metrics.paired_difference(good, _sums(_noisy_lists(81, seed=2), np.zeros(243)), 10, 1)
+    pooled = metrics.concat_sums([good, good])
+    assert np.allclose(metrics.uplift_from_sums(pooled), metrics.uplift_from_sums(good))
+    assert len(pooled.clicks_all) == 160
+
+
 def test_no_clicks_is_a_user_error() -> None:
     frame = _case().assign(clicks=0)
     with pytest.raises(UserError, match="no clicks"):

@@ -12,7 +12,7 @@ from matplotlib.colors import hsv_to_rgb
 from cg4ctr_tasks import storage
 from cg4ctr_tasks.errors import UserError
 from cg4ctr_tasks.prompts.vocab import load_vocab
-from cg4ctr_tasks.sim.oracle import Oracle, image_features
+from cg4ctr_tasks.sim.oracle import Features, Oracle, image_features
 from cg4ctr_tasks.sim.render import compose, draw_product, render_background
 from cg4ctr_tasks.sim.world import GroundTruth, evaluate_creatives, init_world, true_ctr_table
 from cg4ctr_tasks.workspace import Workspace
@@ -100,6 +100,42 @@ def test_oracle_prefers_what_it_says_it_prefers(seed: int) -> None:
         for g in groups
     }
     assert len(set(best.values())) > 1
+
+
+def _plain_features(hue: float, brightness: float) -> Features:
+    """A fully saturated, flat background at (hue, brightness); contrast at its neutral 0.3."""
+    angle = 2 * np.pi * hue
+    return Features(float(np.cos(angle)), float(np.sin(angle)), brightness, 0.0, 0.3, 0.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_category_moves_the_favourite_background(seed: int, tmp_path: Path) -> None:
+    cats = {"i0": "lamp", "i1": "cup"}
+    groups = ["g0", "g1"]
+    plain = Oracle.draw(np.random.default_rng(seed), groups, list(cats), ["ios"], 0.04)
+    fitted = Oracle.draw(
+        np.random.default_rng(seed), groups, list(cats), ["ios"], 0.04, cats, 0.15, 0.2
+    )
+    # the category draws come last: groups, items and contexts are the world without them
+    assert fitted.groups == plain.groups and fitted.item_effects == plain.item_effects
+    for group in groups:
+        hues = {item: fitted.favourite(item, group)[0] for item in cats}
+        assert hues["i0"] != pytest.approx(hues["i1"])
+        for item, other in (("i0", "i1"), ("i1", "i0")):
+            own, theirs = (_plain_features(*fitted.favourite(i, group)) for i in (item, other))
+            # each item does better on its own category's favourite than on the other's
+            assert fitted.ctr(item, own, group) > fitted.ctr(item, theirs, group)
+    # an oracle.json written before category fit existed loads, with one taste for all
+    saved = tmp_path / "oracle.json"
+    fitted.save(saved)
+    raw = json.loads(saved.read_text())
+    del raw["categories"], raw["item_categories"]
+    saved.write_text(json.dumps(raw))
+    old = Oracle.load(saved)
+    assert old.favourite("i0", "g0") == (plain.groups["g0"].hue, plain.groups["g0"].brightness)
+    assert Oracle.load(tmp_path / "oracle.json").categories == {}
+    fitted.save(saved)
+    assert Oracle.load(saved) == fitted
 
 
 def test_altering_the_product_is_penalised() -> None:

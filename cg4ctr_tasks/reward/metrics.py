@@ -91,21 +91,58 @@ def uplift_at_k(
     return uplift_from_sums(topk_sums(lists, creative_ids, scores, clicks, impressions, max_k))
 
 
+def _resampled_uplift(sums: TopKSums, counts: np.ndarray) -> np.ndarray:
+    """uplift_k for each row of list counts (bootstrap draws), shape (draws, K)."""
+    base = (counts @ sums.clicks_all) / np.maximum(counts @ sums.impressions_all, 1e-12)
+    topk = (counts @ sums.clicks) / np.maximum(counts @ sums.impressions, 1e-12)
+    return np.asarray(topk / np.maximum(base, 1e-12)[:, None] - 1.0)
+
+
+def _list_counts(n: int, samples: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=samples).astype(np.float64)
+
+
+def _percentiles(draws: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    tail = (1.0 - level) / 2.0
+    return np.quantile(draws, tail, axis=0), np.quantile(draws, 1.0 - tail, axis=0)
+
+
 def bootstrap_interval(
     sums: TopKSums, samples: int, seed: int, level: float = 0.95
 ) -> tuple[np.ndarray, np.ndarray]:
     """Percentile interval of uplift_k from resampling whole lists with replacement."""
-    n = len(sums.clicks_all)
     if samples == 0:
         point = uplift_from_sums(sums)
         return point, point
-    rng = np.random.default_rng(seed)
-    counts = rng.multinomial(n, np.full(n, 1.0 / n), size=samples).astype(np.float64)
-    base = (counts @ sums.clicks_all) / np.maximum(counts @ sums.impressions_all, 1e-12)
-    topk = (counts @ sums.clicks) / np.maximum(counts @ sums.impressions, 1e-12)
-    draws = topk / np.maximum(base, 1e-12)[:, None] - 1.0
-    tail = (1.0 - level) / 2.0
-    return np.quantile(draws, tail, axis=0), np.quantile(draws, 1.0 - tail, axis=0)
+    counts = _list_counts(len(sums.clicks_all), samples, seed)
+    return _percentiles(_resampled_uplift(sums, counts), level)
+
+
+def paired_difference(
+    a: TopKSums, b: TopKSums, samples: int, seed: int, level: float = 0.95
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """uplift_k(a) - uplift_k(b) for two rankers of the same lists, with a percentile interval
+    from resampling the lists once for both: the noise they share (which lists happen to be
+    easy) cancels, so a gap too small for two separate intervals can still be told from 0."""
+    if len(a.clicks_all) != len(b.clicks_all) or not np.array_equal(a.clicks_all, b.clicks_all):
+        raise UserError("a paired comparison needs both rankers scored on the same lists")
+    point = uplift_from_sums(a) - uplift_from_sums(b)
+    if samples == 0:
+        return point, point, point
+    counts = _list_counts(len(a.clicks_all), samples, seed)
+    low, high = _percentiles(_resampled_uplift(a, counts) - _resampled_uplift(b, counts), level)
+    return point, low, high
+
+
+def concat_sums(parts: list[TopKSums]) -> TopKSums:
+    """The lists of several evaluation sets as one (e.g. pooled over world seeds)."""
+    return TopKSums(
+        clicks=np.concatenate([p.clicks for p in parts]),
+        impressions=np.concatenate([p.impressions for p in parts]),
+        clicks_all=np.concatenate([p.clicks_all for p in parts]),
+        impressions_all=np.concatenate([p.impressions_all for p in parts]),
+    )
 
 
 def list_mse(lists: pd.Series, truth: np.ndarray, predicted: np.ndarray) -> float:

@@ -7,7 +7,7 @@ drawn from the world seed, so results that hold across seeds cannot come from tu
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,15 @@ class GroupPreference:
     brightness_weight: float
     texture_weight: float  # > 0: likes busy backgrounds; < 0: prefers plain ones
     contrast_weight: float  # gain for a product that stands out from its surroundings
+
+
+@dataclass(frozen=True)
+class CategoryFit:
+    """How a product category moves every group's favourite background: a lamp may sell on a
+    darker, warmer scene than a cup. The title names the category; the pixels only show it."""
+
+    hue_shift: float  # added to each group's preferred hue, in turns
+    brightness_shift: float  # added to each group's preferred brightness
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,9 @@ class Oracle:
     device_factors: dict[str, float]  # multiplicative, traffic-weighted mean 1
     hour_factors: list[float]  # 24 values, traffic-weighted mean 1
     hour_traffic: list[float]  # share of impressions per hour
+    # worlds written before category fit existed load with none (the same CTRs as then)
+    item_categories: dict[str, str] = field(default_factory=dict)
+    categories: dict[str, CategoryFit] = field(default_factory=dict)
 
     @classmethod
     def draw(
@@ -53,7 +65,12 @@ class Oracle:
         items: list[str],
         devices: list[str],
         base_ctr: float,
+        item_categories: dict[str, str] | None = None,
+        category_hue_shift: float = 0.0,
+        category_brightness_shift: float = 0.0,
     ) -> Oracle:
+        """Draw a world's preferences; category fit is drawn last, so the other draws do not
+        depend on it (a shift of 0 gives the same groups, items and contexts)."""
         start = rng.uniform(0, 1)
         prefs = {}
         for index, group in enumerate(groups):
@@ -72,13 +89,24 @@ class Oracle:
         hour_factors = hour_factors / float(np.dot(hour_factors, traffic))
         device_raw = rng.uniform(0.85, 1.15, size=len(devices))
         device_raw = device_raw / device_raw.mean()
+        item_effects = {item: float(rng.normal(0, 0.3)) for item in items}
+        item_categories = dict(item_categories or {})
+        fits = {
+            category: CategoryFit(
+                hue_shift=float(rng.uniform(-1.0, 1.0) * category_hue_shift),
+                brightness_shift=float(rng.uniform(-1.0, 1.0) * category_brightness_shift),
+            )
+            for category in sorted(set(item_categories.values()))
+        }
         return cls(
             base_logit=float(np.log(base_ctr / (1 - base_ctr))),
             groups=prefs,
-            item_effects={item: float(rng.normal(0, 0.3)) for item in items},
+            item_effects=item_effects,
             device_factors={d: float(f) for d, f in zip(devices, device_raw, strict=True)},
             hour_factors=[float(f) for f in hour_factors],
             hour_traffic=[float(t) for t in traffic],
+            item_categories=item_categories,
+            categories=fits,
         )
 
     def save(self, path: Path) -> None:
@@ -88,18 +116,30 @@ class Oracle:
     def load(cls, path: Path) -> Oracle:
         raw = json.loads(path.read_text("utf-8"))
         raw["groups"] = {g: GroupPreference(**p) for g, p in raw["groups"].items()}
+        raw["categories"] = {c: CategoryFit(**f) for c, f in raw.get("categories", {}).items()}
         return cls(**raw)
+
+    def favourite(self, item_id: str, group: str) -> tuple[float, float]:
+        """(hue, brightness) this group likes best behind this item."""
+        pref = self.groups[group]
+        category = self.item_categories.get(item_id)
+        fit = self.categories.get(category) if category is not None else None
+        if fit is None:
+            return pref.hue, pref.brightness
+        brightness = float(np.clip(pref.brightness + fit.brightness_shift, 0.05, 0.95))
+        return (pref.hue + fit.hue_shift) % 1.0, brightness
 
     def logit(self, item_id: str, features: Features, group: str) -> float:
         pref = self.groups[group]
-        hue_term = features.hue_x * np.cos(2 * np.pi * pref.hue) + features.hue_y * np.sin(
-            2 * np.pi * pref.hue
+        hue, brightness = self.favourite(item_id, group)
+        hue_term = features.hue_x * np.cos(2 * np.pi * hue) + features.hue_y * np.sin(
+            2 * np.pi * hue
         )
         return float(
             self.base_logit
             + self.item_effects[item_id]
             + pref.hue_weight * hue_term
-            - pref.brightness_weight * (features.brightness - pref.brightness) ** 2
+            - pref.brightness_weight * (features.brightness - brightness) ** 2
             + pref.texture_weight * features.texture
             + pref.contrast_weight * (features.contrast - 0.3)
             - ALTERATION_PENALTY * features.alteration

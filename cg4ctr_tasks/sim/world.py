@@ -119,7 +119,14 @@ def init_world(ws: Workspace, seed: int, force: bool = False) -> WorldSummary:
     storage.write_parquet(ws.items_table, pd.DataFrame(item_rows))
 
     oracle = Oracle.draw(
-        rng["oracle"], params.user_groups, item_ids, params.devices, params.base_ctr
+        rng["oracle"],
+        params.user_groups,
+        item_ids,
+        params.devices,
+        params.base_ctr,
+        item_categories={row["item_id"]: row["category"] for row in item_rows},
+        category_hue_shift=params.category_hue_shift,
+        category_brightness_shift=params.category_brightness_shift,
     )
     oracle.save(ws.sim / "oracle.json")
 
