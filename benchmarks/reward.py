@@ -18,7 +18,7 @@ import torch
 
 from benchmarks.reward_eval import prepare
 from cg4ctr_tasks.reward.data import build_reward_data
-from cg4ctr_tasks.reward.model import RewardConfig, RewardModel
+from cg4ctr_tasks.reward.model import RewardModel
 from cg4ctr_tasks.reward.train import (
     BatchFeatures,
     Lists,
@@ -27,6 +27,7 @@ from cg4ctr_tasks.reward.train import (
     load_params_encoders,
     lookup,
     raw_features,
+    reward_config,
 )
 
 
@@ -65,21 +66,7 @@ def main() -> None:
         hit_s = time.perf_counter() - started
 
         def train_once(train_f: BatchFeatures, val_f: BatchFeatures) -> float:
-            config = RewardConfig(
-                text_encoder=params.text_encoder,
-                text_dim=encoders.text.dim,
-                text_max_length=params.text_max_length,
-                image_encoder=params.image_encoder,
-                image_checkpoint=None,
-                image_size=encoders.image.image_size,
-                image_dim=encoders.image.dim,
-                hidden_size=params.hidden_size,
-                fusion_layers=params.fusion_layers,
-                fusion_heads=params.fusion_heads,
-                dropout=params.dropout,
-                modalities=modalities,
-                user_groups=sorted(data.rows["user_group"].unique()),
-            )
+            config = reward_config(params, encoders, sorted(data.rows["user_group"].unique()))
             model = RewardModel(config)
             train = Lists.from_rows(train_rows, model.group_index(list(train_rows["user_group"])))
             val = Lists.from_rows(val_rows, model.group_index(list(val_rows["user_group"])))

@@ -274,6 +274,25 @@ def _group_tensor(model: RewardModel, rows: pd.DataFrame) -> torch.Tensor | None
     return model.group_index([str(g) for g in rows["user_group"]])
 
 
+def reward_config(params: RewardParams, encoders: Encoders, groups: list[str]) -> RewardConfig:
+    """The architecture params and the loaded encoders determine (no training facts yet)."""
+    return RewardConfig(
+        text_encoder=params.text_encoder,
+        text_dim=encoders.text.dim,
+        text_max_length=params.text_max_length,
+        image_encoder=params.image_encoder,
+        image_checkpoint=params.image_checkpoint,
+        image_size=encoders.image.image_size,
+        image_dim=encoders.image.dim,
+        hidden_size=params.hidden_size,
+        fusion_layers=params.fusion_layers,
+        fusion_heads=params.fusion_heads,
+        dropout=params.dropout,
+        modalities=list(params.modalities),
+        user_groups=groups,
+    )
+
+
 def train_reward(
     ws: Workspace,
     force: bool = False,
@@ -312,21 +331,7 @@ def train_reward(
     temperature = params.list_temperature or float(
         train_rows["clicks"].sum() / train_rows["impressions"].sum()
     )
-    config = RewardConfig(
-        text_encoder=params.text_encoder,
-        text_dim=encoders.text.dim,
-        text_max_length=params.text_max_length,
-        image_encoder=params.image_encoder,
-        image_checkpoint=params.image_checkpoint,
-        image_size=encoders.image.image_size,
-        image_dim=encoders.image.dim,
-        hidden_size=params.hidden_size,
-        fusion_layers=params.fusion_layers,
-        fusion_heads=params.fusion_heads,
-        dropout=params.dropout,
-        modalities=list(params.modalities),
-        user_groups=groups,
-    )
+    config = reward_config(params, encoders, groups)
     torch.manual_seed(ws.params.seed)
     model = RewardModel(config)
     train = Lists.from_rows(train_rows, _group_tensor(model, train_rows))
