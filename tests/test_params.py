@@ -59,6 +59,9 @@ def test_workspace_file_merges_over_defaults(tmp_path: Path) -> None:
         ("reward:\n  lambda_r: 1.5\n", "key 'reward.lambda_r'"),
         ("world: [1, 2\n", "not valid YAML"),
         ("- a\n- b\n", "expected a mapping"),
+        # DVC's parser refuses a repeated key, so ours does too (PyYAML would keep the last one)
+        ("world:\n  items: 3\n  days: 2\n  items: 4\n", "duplicate key 'items'"),
+        ("seed: 1\nseed: 1\n", "line 2"),
     ],
 )
 def test_bad_params_name_the_key(tmp_path: Path, text: str, needle: str) -> None:
