@@ -16,16 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from cg4ctr_tasks import storage
+from cg4ctr_tasks.checkpoints import CONFIG_NAME, WEIGHTS_NAME, load_checkpoint
 from cg4ctr_tasks.errors import UserError
 from cg4ctr_tasks.params import RewardParams, StorageParams
 from cg4ctr_tasks.reward.features import Encoders, ImageEncoder, TextEncoder
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 IMAGE_WEIGHTS_NAME = "image_encoder.safetensors"
 TEXT_FOLDER = "text_encoder"
 MODALITIES = ("title", "caption", "image")
@@ -159,15 +158,11 @@ class RewardModel(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> RewardModel:
         """Load a local folder (see :func:`local_folder` for object stores)."""
-        folder = Path(folder)
-        config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-        if not config_path.is_file() or not weights_path.is_file():
-            raise UserError(
-                f"no reward model in {folder} (needs {CONFIG_NAME} and {WEIGHTS_NAME}): "
-                "run `cg4ctr train-reward` first"
-            )
-        model = cls(RewardConfig.from_json(config_path.read_text("utf-8")))
-        model.load_state_dict(load_file(str(weights_path)))
+        config, state = load_checkpoint(
+            str(folder), RewardConfig, "reward model", ": run `cg4ctr train-reward` first"
+        )
+        model = cls(config)
+        model.load_state_dict(state)
         model.eval()
         return model
 
