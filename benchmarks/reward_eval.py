@@ -67,17 +67,7 @@ def run(ws: Workspace) -> tuple[dict[str, dict[str, Any]], Sums]:
     results: dict[str, dict[str, Any]] = {}
     base = ws.params.reward
     rows, by_group = held_out_rows(ws, base)
-    truth = oracle_ctr(ws, rows, by_group)
-    ones = np.ones(len(rows))
-
-    def sums(scores: np.ndarray) -> dict[str, metrics.TopKSums]:
-        def of(clicks: Any, impressions: Any) -> metrics.TopKSums:
-            return metrics.topk_sums(
-                rows["list_id"], rows["creative_id"], scores, clicks, impressions, MAX_K
-            )
-
-        return {"logged": of(rows["clicks"], rows["impressions"]), "oracle": of(truth, ones)}
-
+    truth = oracle_ctr(ws, rows, by_group)  # read once: every ranker scores the same split
     rankers: Sums = {}
     for name, update in VARIANTS.items():
         params = base.model_copy(update=update)
@@ -86,18 +76,19 @@ def run(ws: Workspace) -> tuple[dict[str, dict[str, Any]], Sums]:
         summary = train_reward(ws, model_dir=folder, params=params)
         model, encoders, _ = load_reward(ws, folder)
         scores = predict(model, encoders, rows, params.batch_size)
-        figures = evaluate_scores(ws, rows, scores, by_group, params)
+        figures, rankers[name] = evaluate_scores(ws, rows, scores, truth, by_group, params)
         figures["train_seconds"] = time.perf_counter() - started
         figures["best_epoch"] = summary["best_epoch"]
-        results[name], rankers[name] = figures, sums(scores)
+        results[name] = figures
         print(
             f"  {name}: top1 {figures['top1']:.4f}, best epoch {summary['best_epoch']}, "
             f"{figures['train_seconds']:.0f} s",
             flush=True,
         )
     scores = np.random.default_rng(ws.params.seed).random(len(rows))
-    results["random"] = evaluate_scores(ws, rows, scores, by_group, base, with_mse=False)
-    rankers["random"] = sums(scores)
+    results["random"], rankers["random"] = evaluate_scores(
+        ws, rows, scores, truth, by_group, base, with_mse=False
+    )
     return results, rankers
 
 

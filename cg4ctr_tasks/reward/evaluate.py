@@ -38,33 +38,43 @@ def oracle_ctr(ws: Workspace, rows: pd.DataFrame, by_group: bool) -> np.ndarray 
     return mean.reindex(rows["image_uri"]).to_numpy()
 
 
+def ranking_sums(
+    rows: pd.DataFrame, scores: np.ndarray, truth: np.ndarray | None
+) -> dict[str, metrics.TopKSums]:
+    """One ranker's top-k sums on logged clicks and, in the simulated world, on true CTR."""
+    lists, creatives = rows["list_id"], rows["creative_id"]
+    clicks, impressions = rows["clicks"].to_numpy(), rows["impressions"].to_numpy()
+    sums = {"logged": metrics.topk_sums(lists, creatives, scores, clicks, impressions, MAX_K)}
+    if truth is not None:
+        sums["oracle"] = metrics.true_ctr_sums(lists, creatives, scores, truth, MAX_K)
+    return sums
+
+
 def evaluate_scores(
     ws: Workspace,
     rows: pd.DataFrame,
     scores: np.ndarray,
+    truth: np.ndarray | None,
     by_group: bool,
     params: RewardParams,
     with_mse: bool = True,
-) -> dict[str, Any]:
-    """Uplift top-1..5 (fractions) with bootstrap 95 % intervals, MSE, and oracle uplift."""
-    lists, creatives = rows["list_id"], rows["creative_id"]
-    sums = metrics.topk_sums(
-        lists, creatives, scores, rows["clicks"].to_numpy(), rows["impressions"].to_numpy(), MAX_K
-    )
-    point = metrics.uplift_from_sums(sums)
-    low, high = metrics.bootstrap_interval(sums, params.bootstrap_samples, ws.params.seed)
+) -> tuple[dict[str, Any], dict[str, metrics.TopKSums]]:
+    """Uplift top-1..5 (fractions) with bootstrap 95 % intervals, MSE, and oracle uplift
+    (``truth``: :func:`oracle_ctr`, read once per split), and the sums they came from."""
+    sums = ranking_sums(rows, scores, truth)
+    point = metrics.uplift_from_sums(sums["logged"])
+    low, high = metrics.bootstrap_interval(sums["logged"], params.bootstrap_samples, ws.params.seed)
     out: dict[str, Any] = {f"top{k}": float(point[k - 1]) for k in range(1, MAX_K + 1)}
     out["ci95"] = {f"top{k}": [float(low[k - 1]), float(high[k - 1])] for k in range(1, MAX_K + 1)}
     raw_ctr = (rows["clicks"] / rows["impressions"]).to_numpy()
-    out["mse"] = metrics.list_mse(lists, raw_ctr, scores) if with_mse else None
-    truth = oracle_ctr(ws, rows, by_group)
-    if truth is not None:
-        true_uplift = metrics.uplift_on_true_ctr(lists, creatives, scores, truth, MAX_K)
+    out["mse"] = metrics.list_mse(rows["list_id"], raw_ctr, scores) if with_mse else None
+    if "oracle" in sums:
+        true_uplift = metrics.uplift_from_sums(sums["oracle"])
         out["oracle"] = {f"top{k}": float(true_uplift[k - 1]) for k in range(1, MAX_K + 1)}
     out.update(
         {
             "split": "test",
-            "lists": int(lists.nunique()),
+            "lists": int(rows["list_id"].nunique()),
             "lists_by": "item,user_group" if by_group else "item",
             "creatives": int(len(rows)),
             "min_impressions": params.min_impressions,
@@ -72,7 +82,7 @@ def evaluate_scores(
             "bootstrap_samples": params.bootstrap_samples,
         }
     )
-    return out
+    return out, sums
 
 
 def held_out_rows(ws: Workspace, params: RewardParams) -> tuple[pd.DataFrame, bool]:
@@ -91,4 +101,6 @@ def eval_reward(
     if rows.empty:
         raise UserError("the test split is empty: add items or raise reward.test_fraction")
     scores = predict(model, encoders, rows, params.batch_size)
-    return {**evaluate_scores(ws, rows, scores, by_group, params), "model_dir": folder}
+    truth = oracle_ctr(ws, rows, by_group)
+    figures, _ = evaluate_scores(ws, rows, scores, truth, by_group, params)
+    return {**figures, "model_dir": folder}

@@ -153,6 +153,18 @@ def list_mse(lists: pd.Series, truth: np.ndarray, predicted: np.ndarray) -> floa
     return float(frame.groupby("list", sort=False)["e"].mean().mean())
 
 
+def true_ctr_sums(
+    lists: pd.Series,
+    creative_ids: pd.Series,
+    scores: np.ndarray,
+    true_ctr: np.ndarray,
+    max_k: int = 5,
+) -> TopKSums:
+    """Eq 19/20 sums with the simulator's true CTR as clicks and one impression per creative."""
+    ones = np.ones(len(lists))
+    return topk_sums(lists, creative_ids, scores, np.asarray(true_ctr), ones, max_k)
+
+
 def uplift_on_true_ctr(
     lists: pd.Series,
     creative_ids: pd.Series,
@@ -165,5 +177,4 @@ def uplift_on_true_ctr(
     The mean true CTR of each list's top-k over that of all its creatives: the uplift if the
     kept creatives were shown to the same traffic. Evaluation only (the oracle rule).
     """
-    ones = np.ones(len(lists))
-    return uplift_at_k(lists, creative_ids, scores, np.asarray(true_ctr), ones, max_k)
+    return uplift_from_sums(true_ctr_sums(lists, creative_ids, scores, true_ctr, max_k))
