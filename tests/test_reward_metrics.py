@@ -78,36 +78,8 @@ def test_uplift_on_true_ctr_uses_equal_traffic() -> None:
     assert got[0] == pytest.approx(((0.06 + 0.03) / 2) / (0.15 / 4) - 1)
 
 
-def test_bootstrap_interval_is_deterministic_and_brackets_the_estimate() -> None:
-    rng = np.random.default_rng(0)
-    n = 60
-    frame = pd.DataFrame(
-        {
-            "list": np.repeat(np.arange(n), 3).astype(str),
-            "creative": np.tile(["x", "y", "z"], n),
-            "impressions": rng.integers(50, 200, 3 * n),
-        }
-    )
-    frame["clicks"] = rng.binomial(frame["impressions"], 0.05)
-    frame["score"] = frame["clicks"] / frame["impressions"] + rng.normal(0, 0.01, 3 * n)
-    sums = metrics.topk_sums(
-        frame["list"],
-        frame["creative"],
-        frame["score"].to_numpy(),
-        frame["clicks"].to_numpy(),
-        frame["impressions"].to_numpy(),
-        3,
-    )
-    point = metrics.uplift_from_sums(sums)
-    low, high = metrics.bootstrap_interval(sums, 300, seed=1)
-    again = metrics.bootstrap_interval(sums, 300, seed=1)
-    assert np.array_equal(low, again[0]) and np.array_equal(high, again[1])
-    assert np.all(low[:2] < point[:2]) and np.all(point[:2] < high[:2])
-    assert low[2] == pytest.approx(0.0) and high[2] == pytest.approx(0.0)  # top-3 = everything
-
-
-def _noisy_lists(n: int, seed: int) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
+def _noisy_lists(n: int, rng: np.random.Generator) -> pd.DataFrame:
+    """n lists of 3 creatives with 50-199 impressions and 5 % Bernoulli clicks."""
     frame = pd.DataFrame(
         {
             "list": np.repeat(np.arange(n), 3).astype(str),
@@ -119,19 +91,32 @@ def _noisy_lists(n: int, seed: int) -> pd.DataFrame:
     return frame
 
 
-def _sums(frame: pd.DataFrame, scores: np.ndarray) -> metrics.TopKSums:
+def _sums(frame: pd.DataFrame, scores: np.ndarray, max_k: int = 2) -> metrics.TopKSums:
     return metrics.topk_sums(
         frame["list"],
         frame["creative"],
         scores,
         frame["clicks"].to_numpy(),
         frame["impressions"].to_numpy(),
-        2,
+        max_k,
     )
 
 
+def test_bootstrap_interval_is_deterministic_and_brackets_the_estimate() -> None:
+    rng = np.random.default_rng(0)
+    frame = _noisy_lists(60, rng)
+    scores = (frame["clicks"] / frame["impressions"]).to_numpy() + rng.normal(0, 0.01, 180)
+    sums = _sums(frame, scores, max_k=3)
+    point = metrics.uplift_from_sums(sums)
+    low, high = metrics.bootstrap_interval(sums, 300, seed=1)
+    again = metrics.bootstrap_interval(sums, 300, seed=1)
+    assert np.array_equal(low, again[0]) and np.array_equal(high, again[1])
+    assert np.all(low[:2] < point[:2]) and np.all(point[:2] < high[:2])
+    assert low[2] == pytest.approx(0.0) and high[2] == pytest.approx(0.0)  # top-3 = everything
+
+
 def test_paired_difference_cancels_shared_noise() -> None:
-    frame = _noisy_lists(80, seed=2)
+    frame = _noisy_lists(80, np.random.default_rng(2))
     ctr = (frame["clicks"] / frame["impressions"]).to_numpy()
     rng = np.random.default_rng(3)
     good = _sums(frame, ctr + rng.normal(0, 0.002, len(frame)))
@@ -146,7 +131,7 @@ def test_paired_difference_cancels_shared_noise() -> None:
     same, same_low, same_high = metrics.paired_difference(good, good, 100, seed=1)
     assert np.all(same == 0) and np.all(same_low == 0) and np.all(same_high == 0)
     with pytest.raises(UserError, match="same lists"):
-        metrics.paired_difference(good, _sums(_noisy_lists(81, seed=2), np.zeros(243)), 10, 1)
+        metrics.paired_difference(good, _sums(_noisy_lists(81, rng), np.zeros(243)), 10, 1)
     pooled = metrics.concat_sums([good, good])
     assert np.allclose(metrics.uplift_from_sums(pooled), metrics.uplift_from_sums(good))
     assert len(pooled.clicks_all) == 160
