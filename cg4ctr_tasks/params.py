@@ -242,6 +242,8 @@ class AirflowParams(_Strict):
     retries: int = Field(ge=0)
     retry_delay_s: float = Field(ge=0)
     max_shards: int = Field(ge=1, le=1024)
+    previous_run_poke_s: float = Field(gt=0)
+    previous_run_timeout_s: float = Field(gt=0)
 
 
 class VersioningParams(_Strict):

@@ -6,7 +6,9 @@ generation, mapped; a no-op when `inspector.enabled` is false) -> caption -> sco
 train (odd round: LoRA, even: prompt model) -> online day (simulated world only) -> version
 (DVC, `dvc` pool) -> report.
 The round comes from the ledger for the run's logical date, so clearing a run re-does its round
-and a backfill runs consecutive rounds in date order; every stage is idempotent.
+and a backfill runs consecutive rounds in date order; every stage is idempotent. Rounds build on
+each other, so a run first waits while the run of an earlier date is unfinished: a backfill
+starts several runs at once (its own max-active-runs, not the DAG's).
 """
 
 from __future__ import annotations
@@ -32,6 +34,20 @@ P = params()
     **dag_settings(P, __doc__),
 )
 def cg4ctr_nightly() -> None:
+    @task.sensor(
+        mode="reschedule",
+        poke_interval=P.airflow.previous_run_poke_s,
+        timeout=P.airflow.previous_run_timeout_s,
+    )
+    def previous_run_finished() -> bool:
+        """Wait (freeing the worker slot) while the run of the latest earlier date is queued or
+        running. A failed one does not block: the nightly goes on, and clearing it re-does its
+        own round."""
+        from airflow.sdk import get_current_context
+
+        previous = get_current_context()["ti"].get_previous_dagrun()
+        return previous is None or previous.state not in ("queued", "running")
+
     @task(multiple_outputs=True)
     def round_info(ds: str | None = None) -> dict[str, object]:
         """Map the logical date to its round (new date: next round; known date: same round)."""
@@ -138,6 +154,7 @@ def cg4ctr_nightly() -> None:
         return cli("report")
 
     info = round_info()
+    previous_run_finished() >> info
     rid = info["id"]
     ingested = ingest()
     refreshed = train_reward(rid)

@@ -22,8 +22,9 @@ from tests.fixtures_airflow import CeleryCluster, sim_workspace
 pytestmark = pytest.mark.integration
 SEED = 13
 # Backfills need a periodic schedule; a start date far ahead keeps the scheduler from starting
-# a run for today when the nightly is unpaused (backfill runs ignore the start date).
-BACKFILL = 'airflow:\n  schedule: "@daily"\n  start_date: "2100-01-01"\n'
+# a run for today when the nightly is unpaused (backfill runs ignore the start date). The
+# second date's run waits for the first: poke often.
+BACKFILL = 'airflow:\n  schedule: "@daily"\n  start_date: "2100-01-01"\n  previous_run_poke_s: 5\n'
 
 
 def test_probe_dag_runs_on_celery_workers(airflow_celery: CeleryCluster) -> None:
@@ -218,9 +219,7 @@ def test_backfill_matches_triggered_runs(
         "--from-date",
         days[0],
         "--to-date",
-        days[1],
-        "--max-active-runs",
-        "1",  # the default (10) runs both dates at once: rounds must run in date order
+        days[1],  # the backfill's default max-active-runs (10) starts both dates at once
     )
     runs = api.runs("cg4ctr_nightly")
     assert [(r["run_type"], r["logical_date"][:10]) for r in runs] == [
@@ -238,7 +237,13 @@ def test_backfill_matches_triggered_runs(
     first, second = (
         api.call("GET", f"/api/v2/dags/cg4ctr_nightly/dagRuns/{run['dag_run_id']}") for run in runs
     )
-    assert first["end_date"] <= second["start_date"]  # one date after the other
+    tasks = {
+        ti["task_id"]: ti for ti in api.task_instances("cg4ctr_nightly", runs[1]["dag_run_id"])
+    }
+    # both runs started at once; the second date's run waited for the first before its round
+    assert second["start_date"] < first["end_date"]
+    assert first["end_date"] <= tasks["previous_run_finished"]["end_date"]
+    assert first["end_date"] <= tasks["round_info"]["start_date"]
 
     ledger = [(r.id, r.date, r.mode) for r in read_ledger(Workspace.open(folder))]
     assert ledger == [(1, days[0], "lora"), (2, days[1], "prompt")]

@@ -50,6 +50,7 @@ def test_nightly_shape(dagbag: Any) -> None:
     assert dag.catchup is False
     down = {t.task_id: set(t.downstream_task_ids) for t in dag.tasks}
     chain = [
+        "previous_run_finished",
         "round_info",
         "ingest",
         "reward_due",
@@ -77,6 +78,8 @@ def test_nightly_shape(dagbag: Any) -> None:
     assert tasks["train_lora"].queue == "gpu"
     assert tasks["version"].pool == "dvc"
     assert "saliency" in down["saliency_shards"] and "generate" in down["generate_shards"]
+    wait = tasks["previous_run_finished"]
+    assert wait.mode == "reschedule" and not wait.upstream_task_ids
     for task in dag.tasks:
         assert task.retries >= 1, task.task_id
     assert tasks["online"].trigger_rule == "none_failed_min_one_success"
