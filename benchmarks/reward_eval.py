@@ -5,11 +5,13 @@ logs, captions its creatives, trains the full model and the ablations on the tra
 (epochs chosen on validation), and prints top-1..5 uplift on the held-out items (logged clicks,
 bootstrap 95 % CI for top-1, and the oracle's true CTR) and MSE, for:
 full, pointwise-only (lambda_r=1), listwise-only (lambda_r=0), image-only, random ranker, and
-the full model with the listwise temperature set to the training mean CTR. Then the full model
-minus each other ranker, top-1, with a paired bootstrap 95 % interval (both rankers scored on the
-same resampled lists), per world and pooled over all worlds.
+the full model with the listwise temperature set to the training mean CTR, and with a sigmoid
+CTR link. Then the reference ranker (default: full) minus each other ranker, top-1, with a paired
+bootstrap 95 % interval (both rankers scored on the same resampled lists), per world and pooled
+over all worlds.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.reward_eval [--items 240] [--world-seeds 3 4]
+        [--reference "full, sigmoid link"]
 
 Run from the repository root. Captions come from the real captioning stage (the world's own
 small CLIP); nothing reads the world's private ground truth except the oracle uplift column.
@@ -41,6 +43,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "listwise-only": {"lambda_r": 0.0},
     "image-only": {"modalities": ["image"]},
     "full, T=mean CTR": {"list_temperature": None},  # Eq 14 softmax(p / T): see params.yaml
+    "full, sigmoid link": {"ctr_link": "sigmoid"},  # the score is the CTR's logit
 }
 
 
@@ -92,23 +95,25 @@ def run(ws: Workspace) -> tuple[dict[str, dict[str, Any]], Sums]:
     return results, rankers
 
 
-def paired_margins(rankers: Sums, samples: int, seed: int) -> dict[str, dict[str, list[float]]]:
-    """Full minus each other ranker, top-1, in points: [difference, low, high] per yardstick."""
+def paired_margins(
+    rankers: Sums, reference: str, samples: int, seed: int
+) -> dict[str, dict[str, list[float]]]:
+    """Reference minus each other ranker, top-1, points: [difference, low, high] per yardstick."""
     out: dict[str, dict[str, list[float]]] = {}
     for name, other in rankers.items():
-        if name == "full":
+        if name == reference:
             continue
         out[name] = {}
         for yardstick in ("logged", "oracle"):
             point, low, high = metrics.paired_difference(
-                rankers["full"][yardstick], other[yardstick], samples, seed
+                rankers[reference][yardstick], other[yardstick], samples, seed
             )
             out[name][yardstick] = [round(100 * float(v[0]), 2) for v in (point, low, high)]
     return out
 
 
-def _print_margins(title: str, margins: dict[str, dict[str, list[float]]]) -> None:
-    print(f"{title}: full minus ranker, top-1 uplift points [paired 95 % CI]")
+def _print_margins(title: str, reference: str, margins: dict[str, dict[str, list[float]]]) -> None:
+    print(f"{title}: {reference} minus ranker, top-1 uplift points [paired 95 % CI]")
     for name, m in margins.items():
         logged, oracle = m["logged"], m["oracle"]
         print(
@@ -133,6 +138,7 @@ def main() -> None:
     parser.add_argument("--world-seeds", type=int, nargs="+", default=[3])
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
     parser.add_argument("--root", type=Path, default=None, help="keep/reuse worlds here")
+    parser.add_argument("--reference", choices=list(VARIANTS), default="full")
     args = parser.parse_args()
     everything: dict[str, Any] = {}
     pooled: dict[str, dict[str, list[metrics.TopKSums]]] = {}
@@ -145,8 +151,8 @@ def main() -> None:
             ws = prepare(root, args.items, args.creatives, args.days, seed)
             results, rankers = run(ws)
             samples = ws.params.reward.bootstrap_samples
-            margins = paired_margins(rankers, samples, ws.params.seed)
-            everything[str(seed)] = {"rankers": results, "full_minus": margins}
+            margins = paired_margins(rankers, args.reference, samples, ws.params.seed)
+            everything[str(seed)] = {"rankers": results, "minus": margins}
             for name, by in rankers.items():
                 for yardstick, part in by.items():
                     pooled.setdefault(name, {}).setdefault(yardstick, []).append(part)
@@ -162,15 +168,16 @@ def main() -> None:
             )
             for name, figures in results.items():
                 print(_row(name, figures))
-            _print_margins(f"world seed {seed}", margins)
+            _print_margins(f"world seed {seed}", args.reference, margins)
     if len(args.world_seeds) > 1:
         joined = {
             name: {y: metrics.concat_sums(parts) for y, parts in by.items()}
             for name, by in pooled.items()
         }
-        margins = paired_margins(joined, samples, 0)
-        everything["pooled"] = {"world_seeds": args.world_seeds, "full_minus": margins}
-        _print_margins(f"\nall {len(args.world_seeds)} worlds pooled", margins)
+        margins = paired_margins(joined, args.reference, samples, 0)
+        everything["pooled"] = {"world_seeds": args.world_seeds, "minus": margins}
+        _print_margins(f"\nall {len(args.world_seeds)} worlds pooled", args.reference, margins)
+    everything["reference"] = args.reference
     if args.out:
         args.out.write_text(json.dumps(everything, indent=2, default=float))
 

@@ -157,6 +157,7 @@ class RewardParams(_Strict):
     modalities: list[Literal["title", "caption", "image"]] = Field(min_length=1)
     user_group_token: bool
     list_temperature: float | None = Field(gt=0)
+    ctr_link: Literal["identity", "sigmoid"]
 
 
 class PromptParams(_Strict):

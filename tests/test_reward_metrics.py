@@ -189,6 +189,16 @@ def test_temperature_divides_the_listwise_logits_only() -> None:
     assert float(point_t) == pytest.approx(float(point_1))
 
 
+def test_a_ctr_link_changes_the_pointwise_term_only() -> None:
+    scores, target, impressions, mask = _loss_inputs()
+    linked = torch.sigmoid(scores)
+    _, list_s, point_s = reward_loss(scores, target, impressions, mask, 0.1, ctr=linked)
+    _, list_1, _ = reward_loss(scores, target, impressions, mask, 0.1)
+    assert float(list_s) == pytest.approx(float(list_1))
+    point_1 = (0.1 - 0.5) ** 2 + (0.3 - 2 / 3) ** 2  # sigmoid(0) = 1/2, sigmoid(log 2) = 2/3
+    assert float(point_s) == pytest.approx(0.4 * point_1 + 0.6 * (0.2 - float(linked[1, 0])) ** 2)
+
+
 def test_batches_hold_whole_lists_within_the_batch_size() -> None:
     rows = pd.DataFrame(
         {

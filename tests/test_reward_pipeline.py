@@ -4,6 +4,7 @@ score a round, the CLI, and the sd15 code path on tiny same-architecture encoder
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,27 @@ def test_per_creative_model_without_the_group_token(world: Workspace, tmp_path: 
     summary = train_reward(world, model_dir=folder, params=params)
     assert summary["lists_by"] == "item"
     assert RewardModel.from_pretrained(folder).config.user_groups == []
+
+
+def test_sigmoid_link_predicts_probabilities_in_the_scores_order(
+    world: Workspace, tmp_path: Path
+) -> None:
+    params = world.params.reward.model_copy(update={"ctr_link": "sigmoid"})
+    folder = tmp_path / "sigmoid"
+    train_reward(world, model_dir=str(folder), params=params)
+    model, encoders, _ = load_reward(world, str(folder))
+    assert model.config.ctr_link == "sigmoid"
+    rows = build_reward_data(world, params).split("test")
+    ctr = predict(model, encoders, rows, 64)
+    assert ((ctr > 0) & (ctr < 1)).all() and ctr.std() > 0
+    model.config = replace(model.config, ctr_link="identity")  # the raw scores: same order
+    raw = predict(model, encoders, rows, 64)
+    assert (np.diff(ctr[np.argsort(raw)]) >= 0).all()
+    # a folder saved before the link existed loads as the paper's identity
+    config = json.loads((folder / "config.json").read_text())
+    del config["ctr_link"]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert RewardModel.from_pretrained(folder).config.ctr_link == "identity"
 
 
 def _write_round(ws: Workspace, round_id: int) -> pd.DataFrame:

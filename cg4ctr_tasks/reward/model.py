@@ -58,6 +58,7 @@ class RewardConfig:
     dropout: float
     modalities: list[str]
     user_groups: list[str]  # empty: no user-group token (the paper's per-creative model)
+    ctr_link: str = "identity"  # predicted CTR = link(score); folders saved before it: identity
     extra: dict[str, Any] = field(default_factory=dict)  # training facts (not architecture)
 
     def to_json(self) -> str:
@@ -100,7 +101,7 @@ class RewardModel(nn.Module):
     def forward(
         self, features: dict[str, torch.Tensor], groups: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """One score per creative: the predicted CTR (Eq 16) and the softmax logit (Eq 14)."""
+        """One score per creative: the softmax logit (Eq 14); :meth:`ctr` gives Eq 16's CTR."""
         tokens = [self.projections[m](features[m]) for m in self.config.modalities]
         if self.group_embedding is not None:
             if groups is None:
@@ -109,6 +110,10 @@ class RewardModel(nn.Module):
         x = torch.stack(tokens, dim=1) + self.slot_embedding
         out: torch.Tensor = self.head(self.fusion(x).mean(dim=1)).squeeze(-1)
         return out
+
+    def ctr(self, scores: torch.Tensor) -> torch.Tensor:
+        """The predicted CTR of forward's scores (a monotone link: the ranking is the same)."""
+        return torch.sigmoid(scores) if self.config.ctr_link == "sigmoid" else scores
 
     def load_encoders(
         self, folder: str | None, params: RewardParams, limits: StorageParams, cache: str | None

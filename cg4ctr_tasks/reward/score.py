@@ -47,7 +47,8 @@ def model_digest(folder: str) -> str:
 
 
 def predict(model: RewardModel, encoders: Encoders, rows: pd.DataFrame, batch: int) -> np.ndarray:
-    """Scores for rows with title, caption, image_url (and user_group for the group token)."""
+    """Predicted CTRs for rows with title, caption, image_url (and user_group for the group
+    token); they rank as the model's scores do."""
     features = cached_features(encoders, rows, model.config.modalities)
     groups = (
         model.group_index([str(g) for g in rows["user_group"]])
@@ -60,7 +61,8 @@ def predict(model: RewardModel, encoders: Encoders, rows: pd.DataFrame, batch: i
         for start in range(0, len(rows), batch):
             part = slice(start, start + batch)
             chunk = {m: v[part] for m, v in features.items()}
-            out.append(model(chunk, groups[part] if groups is not None else None).numpy())
+            scores = model(chunk, groups[part] if groups is not None else None)
+            out.append(model.ctr(scores).numpy())
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 

@@ -37,19 +37,22 @@ def reward_loss(
     mask: torch.Tensor,
     lambda_r: float,
     temperature: float = 1.0,
+    ctr: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(Eq 17 total, Eq 14 listwise, Eq 16 pointwise) for padded (lists, positions) tensors.
 
     target: per-creative CTR (raw or smoothed); impressions give w^i (Eq 15), whose global
-    normaliser cancels in Eq 14/16's ratio; mask is False on padding.
+    normaliser cancels in Eq 14/16's ratio; mask is False on padding; ctr: the predicted CTR
+    when it is not the score itself (a link function).
     """
+    ctr = scores if ctr is None else ctr
     zero = torch.zeros_like(scores)
     target = torch.where(mask, target, zero)
     weights = torch.where(mask, impressions, zero).sum(dim=1)
     norm = target / target.sum(dim=1, keepdim=True).clamp(min=torch.finfo(target.dtype).tiny)
     log_p = torch.log_softmax((scores / temperature).masked_fill(~mask, float("-inf")), dim=1)
     list_i = -torch.where(mask, norm * log_p, zero).sum(dim=1)
-    point_i = torch.where(mask, (target - scores) ** 2, zero).sum(dim=1)
+    point_i = torch.where(mask, (target - ctr) ** 2, zero).sum(dim=1)
     total_w = weights.sum()
     list_loss = (weights * list_i).sum() / total_w
     point_loss = (weights * point_i).sum() / total_w
@@ -120,7 +123,13 @@ def _batch_loss(
     scores = torch.zeros(index.shape, dtype=flat.dtype).masked_scatter(mask, flat)
     impressions = data.impressions[index]
     loss, _, _ = reward_loss(
-        scores, data.target[index], impressions, mask, params.lambda_r, temperature
+        scores,
+        data.target[index],
+        impressions,
+        mask,
+        params.lambda_r,
+        temperature,
+        model.ctr(scores),
     )
     return loss, float(impressions[mask].sum())
 
@@ -290,6 +299,7 @@ def reward_config(params: RewardParams, encoders: Encoders, groups: list[str]) -
         dropout=params.dropout,
         modalities=list(params.modalities),
         user_groups=groups,
+        ctr_link=params.ctr_link,
     )
 
 
