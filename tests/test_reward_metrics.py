@@ -72,9 +72,10 @@ def test_list_mse_is_the_mean_over_lists_of_within_list_means() -> None:
 def test_uplift_on_true_ctr_uses_equal_traffic() -> None:
     frame = _case()
     true_ctr = np.array([0.06, 0.02, 0.04, 0.03])
-    got = metrics.uplift_on_true_ctr(
+    sums = metrics.true_ctr_sums(
         frame["list"], frame["creative"], frame["score"].to_numpy(), true_ctr, max_k=1
     )
+    got = metrics.uplift_from_sums(sums)
     assert got[0] == pytest.approx(((0.06 + 0.03) / 2) / (0.15 / 4) - 1)
 
 

@@ -160,21 +160,11 @@ def true_ctr_sums(
     true_ctr: np.ndarray,
     max_k: int = 5,
 ) -> TopKSums:
-    """Eq 19/20 sums with the simulator's true CTR as clicks and one impression per creative."""
+    """Eq 19/20 sums with the simulator's true CTR as clicks and one impression per creative.
+
+    Their uplift (:func:`uplift_from_sums`) is the mean true CTR of each list's top-k over that
+    of all its creatives: the uplift if the kept creatives were shown to the same traffic.
+    Evaluation only (the oracle rule).
+    """
     ones = np.ones(len(lists))
     return topk_sums(lists, creative_ids, scores, np.asarray(true_ctr), ones, max_k)
-
-
-def uplift_on_true_ctr(
-    lists: pd.Series,
-    creative_ids: pd.Series,
-    scores: np.ndarray,
-    true_ctr: np.ndarray,
-    max_k: int = 5,
-) -> np.ndarray:
-    """Eq 18-20 with the simulator's true CTR in place of logged clicks, one impression each.
-
-    The mean true CTR of each list's top-k over that of all its creatives: the uplift if the
-    kept creatives were shown to the same traffic. Evaluation only (the oracle rule).
-    """
-    return uplift_from_sums(true_ctr_sums(lists, creative_ids, scores, true_ctr, max_k))
